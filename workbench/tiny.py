@@ -54,6 +54,8 @@ class TinySpec:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     rescale_betas_zero_snr: bool = False
+    #: "leading" / "trailing" / "linspace"; None keeps the default: "trailing" with zero-terminal-SNR, else "leading".
+    timestep_spacing: str | None = None
     n_merges: int = 2000
     extra_words: tuple[str, ...] = field(default_factory=tuple)
     seed: int = 0
@@ -214,7 +216,7 @@ def build_tiny_components(spec: TinySpec, workdir: str | Path) -> dict[str, Any]
         num_train_timesteps=1000,
         prediction_type=spec.prediction_type,
         steps_offset=1,
-        timestep_spacing="trailing" if spec.rescale_betas_zero_snr else "leading",
+        timestep_spacing=spec.timestep_spacing or ("trailing" if spec.rescale_betas_zero_snr else "leading"),
         rescale_betas_zero_snr=spec.rescale_betas_zero_snr,
     )
     torch.manual_seed(spec.seed)
