@@ -1,0 +1,145 @@
+"""Seeded, batched text-to-image sampling with any diffusers SD / SDXL pipeline.
+
+Only the initial noise and the scheduler are ours (see :mod:`samplers.noise` for the noise rule); the denoising loop
+is the pipeline's own ``__call__``, so guidance, text encoding and SDXL micro-conditioning are exactly diffusers'.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from samplers.noise import NOISE_RULE, generators, initial_noise
+from samplers.schedulers import SAMPLERS, make_scheduler
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How images are drawn. ``height``/``width`` default to the pipeline's native resolution."""
+
+    sampler: str = "euler"
+    steps: int = 20
+    guidance: float = 5.0
+    height: int | None = None
+    width: int | None = None
+    negative_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            SAMPLERS.get(self.sampler)  # raises with the list of known samplers
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.guidance < 0:
+            raise ValueError(f"guidance must be >= 0, got {self.guidance}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "noise_rule": NOISE_RULE}
+
+
+def resolution(pipe: Any, cfg: SamplingConfig) -> tuple[int, int]:
+    """(height, width) in pixels that ``pipe`` will produce under ``cfg``."""
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return (cfg.height or native, cfg.width or native)
+
+
+def latent_shape(pipe: Any, cfg: SamplingConfig) -> tuple[int, int, int]:
+    height, width = resolution(pipe, cfg)
+    f = pipe.vae_scale_factor
+    if height % f or width % f:
+        raise ValueError(f"height and width must be multiples of {f} for this VAE, got {height}x{width}")
+    return (pipe.unet.config.in_channels, height // f, width // f)
+
+
+def with_sampler(pipe: Any, name: str) -> Any:
+    """A pipeline sharing ``pipe``'s modules but using sampler ``name``; ``pipe`` itself is left unchanged."""
+    params = inspect.signature(type(pipe).__init__).parameters
+    kwargs = {k: v for k, v in pipe.components.items() if k in params}
+    # registered config flags (force_zeros_for_empty_prompt, requires_safety_checker, ...)
+    kwargs.update({k: pipe.config[k] for k in params if k not in kwargs and k in pipe.config})
+    kwargs["scheduler"] = make_scheduler(name, pipe.scheduler.config)
+    new = type(pipe)(**kwargs)
+    new.set_progress_bar_config(disable=True)
+    return new
+
+
+@torch.no_grad()
+def sample(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], cfg: SamplingConfig) -> torch.Tensor:
+    """Images ``[B, 3, H, W]`` float32 in [0, 1] on the CPU, one per (prompt, seed), as one batch.
+
+    ``pipe`` should already carry the sampler (see :func:`with_sampler`); the noise of item ``i`` comes from its own
+    generator, so the result for an item does not depend on what else is in the batch (up to float round-off of
+    batched kernels).
+    """
+    gens = generators(prompts, seeds)
+    noise = initial_noise(latent_shape(pipe, cfg), gens)
+    height, width = resolution(pipe, cfg)
+    kwargs: dict[str, Any] = {}
+    if cfg.negative_prompt is not None:
+        kwargs["negative_prompt"] = [cfg.negative_prompt] * len(prompts)
+    out = pipe(
+        prompt=list(prompts),
+        num_inference_steps=cfg.steps,
+        guidance_scale=cfg.guidance,
+        height=height,
+        width=width,
+        latents=noise.to(pipe.unet.device, pipe.unet.dtype),
+        generator=gens,
+        output_type="pt",
+        **kwargs,
+    )
+    return out.images.float().clamp(0, 1).cpu()
+
+
+def batched(n: int, batch_size: int) -> Iterator[range]:
+    """Index ranges ``[0, b), [b, 2b), ...`` covering ``n`` items."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    for start in range(0, n, batch_size):
+        yield range(start, min(start + batch_size, n))
+
+
+# ---- images on disk -------------------------------------------------------------------------------------------
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """``[B, 3, H, W]`` floats in [0, 1] -> ``[B, H, W, 3]`` uint8 (round to nearest)."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def from_uint8(arrays: Sequence[np.ndarray]) -> torch.Tensor:
+    """``H x W x 3`` uint8 arrays -> ``[B, 3, H, W]`` float32 in [0, 1]."""
+    stacked = np.stack([np.asarray(a, dtype=np.uint8) for a in arrays])
+    return torch.from_numpy(stacked).permute(0, 3, 1, 2).float() / 255
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_png(array: np.ndarray, path: str | Path) -> Path:
+    """Write atomically (temp file + rename), so an interrupted run never leaves a truncated image."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(png_bytes(array))
+    tmp.replace(path)
+    return path
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """An image file as ``H x W x 3`` uint8 RGB."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
