@@ -1,0 +1,319 @@
+"""Run configuration: the single place where every field, default and its documentation lives.
+
+YAML is parsed by OmegaConf (PyYAML would read ``lr: 5e-4`` as a string) and ``a.b=c`` command-line overrides are
+merged on top; the result is validated by pydantic v2 models with ``extra="forbid"`` and discriminated unions on
+``name`` (objective, optimizer, scheduler, noising). Configs select registered names; they never name import paths.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trainers import OBJECTIVES
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------------- run + model
+class RunSection(_Strict):
+    output_dir: str = Field("runs", description="Parent folder of run directories.")
+    name: str = Field("run", description="Run directory name under output_dir.")
+    seed: int = Field(0, description="Global seed: noise, timesteps, data order, LoRA init.")
+    deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (CPU exact-resume tests).")
+
+
+class LoraSection(_Strict):
+    rank: int = Field(8, ge=1, description="LoRA rank r.")
+    alpha: float = Field(8.0, gt=0, description="LoRA alpha; scale = alpha / rank.")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        description="UNet module names (peft target_modules). The diffusers DPO example uses attention only.",
+    )
+    init: Literal["gaussian", "default"] = Field(
+        "gaussian", description="peft init_lora_weights: both zero-initialise B, so the LoRA starts as identity."
+    )
+
+
+class ModelSection(_Strict):
+    source: str = Field(
+        ..., description="A diffusers folder, a hub id, or a single-file checkpoint (.safetensors/.ckpt)."
+    )
+    family: Literal["auto", "sdxl", "sd15"] = Field("auto", description="sd15 also covers SD2.x.")
+    single_file_config: str | None = Field(
+        None, description="For single files: a diffusers folder or hub id whose configs describe the checkpoint."
+    )
+    vae: str | None = Field(None, description="Separate VAE (e.g. madebyollin/sdxl-vae-fp16-fix): folder or id.")
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
+        "auto", description="auto = the scheduler config's prediction_type."
+    )
+    finetune: Literal["lora", "full"] = Field("lora", description="LoRA adapters, or all UNet weights.")
+    lora: LoraSection = Field(default_factory=LoraSection)
+    vae_dtype: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="fp32 avoids the stock SDXL VAE's fp16 NaNs (diffusers SDXL DPO script)."
+    )
+    text_encoder_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    reference_dtype: Literal["fp32", "fp16", "bf16"] = Field(
+        "bf16", description="Full fine-tune only: dtype of the frozen reference UNet copy."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+class DataSource(_Strict):
+    format: Literal["pickapic_parquet", "pair_jsonl", "ranking_jsonl"] = Field(
+        ..., description="pickapic_parquet: jpg_0/jpg_1/label_0/label_1/caption (file or folder of shards)."
+    )
+    path: str
+
+
+class CacheSection(_Strict):
+    enabled: bool = True
+    dir: str = Field(".cache/workbench", description="VAE latents + text embeddings, keyed by content and model.")
+
+
+class DataSection(_Strict):
+    sources: list[DataSource] = Field(..., min_length=1)
+    resolution: int = Field(1024, ge=8, description="Square training resolution (pixels).")
+    crop: Literal["center", "random"] = "center"
+    hflip: bool = Field(False, description="Flip both images of a group together (one draw per group).")
+    proportion_empty_prompts: float = Field(0.2, ge=0, le=1, description="Salesforce train.py default 0.2.")
+    drop_ties: bool = Field(True, description="Drop Pick-a-Pic ties (label_0 == 0.5), as the official code does.")
+    max_bad_fraction: float = Field(
+        0.01, ge=0, le=1, description="Stop with an error when more than this fraction of rows is unreadable."
+    )
+    max_samples: int | None = Field(None, ge=1, description="Use only the first N groups.")
+    cache: CacheSection = Field(default_factory=CacheSection)
+
+
+# ---------------------------------------------------------------------------------------------------- optimizers
+class AdamW(_Strict):
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+
+class AdamW8bit(_Strict):
+    name: Literal["adamw_8bit"] = "adamw_8bit"
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+
+class Adafactor(_Strict):
+    """transformers.Adafactor as the Salesforce SDXL run uses it (relative_step=False, scale_parameter=False)."""
+
+    name: Literal["adafactor"] = "adafactor"
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    clip_threshold: float = 1.0
+
+
+Optimizer = Annotated[Union[AdamW, AdamW8bit, Adafactor], Field(discriminator="name")]
+
+
+class Constant(_Strict):
+    name: Literal["constant"] = "constant"
+
+
+class ConstantWithWarmup(_Strict):
+    name: Literal["constant_with_warmup"] = "constant_with_warmup"
+    warmup_steps: int = Field(0, ge=0, description="In optimizer steps.")
+
+
+class Cosine(_Strict):
+    name: Literal["cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+Scheduler = Annotated[Union[Constant, ConstantWithWarmup, Cosine], Field(discriminator="name")]
+
+
+class ForwardNoising(_Strict):
+    """q(x_t | x_0): one noise draw and one timestep per group, shared by all K images (Diffusion-DPO)."""
+
+    name: Literal["forward"] = "forward"
+    t_min: int = Field(0, ge=0)
+    t_max: int = Field(1000, ge=1, description="Exclusive upper bound of t ~ U{t_min, t_max - 1}.")
+    share_noise: bool = Field(True, description="Same epsilon for every image of a group (official DPO).")
+
+    @model_validator(mode="after")
+    def _range(self) -> ForwardNoising:
+        if self.t_min >= self.t_max:
+            raise ValueError(f"t_min ({self.t_min}) must be < t_max ({self.t_max})")
+        return self
+
+
+Noising = Annotated[Union[ForwardNoising], Field(discriminator="name")]
+
+ObjectiveConfig = Annotated[
+    Union[tuple(obj.config_cls for _, obj in OBJECTIVES.items())],  # type: ignore[misc]
+    Field(discriminator="name"),
+]
+
+
+# ------------------------------------------------------------------------------------------ train / val / logging
+class TrainSection(_Strict):
+    max_steps: int = Field(..., ge=1, description="Optimizer steps.")
+    batch_size: int = Field(1, ge=1, description="Groups (pairs) per device per micro-step.")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    scale_lr: bool = Field(
+        False, description="lr *= grad_accum * batch_size * num_processes (the official launchers' --scale_lr)."
+    )
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    max_grad_norm: float | None = Field(1.0, gt=0, description="None disables clipping.")
+    attention: Literal["sdpa", "xformers"] = Field("sdpa", description="xformers when installed and configured.")
+    checkpoint_every: int = Field(500, ge=1)
+    keep_last: int = Field(3, ge=1, description="Checkpoints kept; older ones are deleted.")
+    resume: str | None = Field(None, description="'latest' or a checkpoint directory.")
+    max_nonfinite_steps: int = Field(5, ge=1, description="Stop after this many non-finite losses in a row.")
+    log_every: int = Field(1, ge=1)
+    num_workers: int = Field(0, ge=0)
+
+
+class ValidationSection(_Strict):
+    every: int = Field(0, ge=0, description="Validate every N steps (0 = only at the end).")
+    prompts: list[str] = Field(default_factory=list)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1])
+    num_inference_steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(5.0, ge=0)
+    scorers: list[str] = Field(default_factory=list, description="Registered scorer names logged as reward/<name>.")
+    scorer_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class LoggingSection(_Strict):
+    tensorboard: bool = True
+    wandb_project: str | None = None
+
+
+class RunConfig(_Strict):
+    run: RunSection = Field(default_factory=RunSection)
+    model: ModelSection
+    data: DataSection
+    objective: ObjectiveConfig  # type: ignore[valid-type]
+    optimizer: Optimizer = Field(default_factory=AdamW)
+    scheduler: Scheduler = Field(default_factory=Constant)
+    noising: Noising = Field(default_factory=ForwardNoising)
+    train: TrainSection
+    validation: ValidationSection = Field(default_factory=ValidationSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+# ------------------------------------------------------------------------------------------------------- loading
+class ConfigError(ValueError):
+    """A config problem, with a message naming the dotted path, the bad value and what is allowed."""
+
+
+def _allowed_fields(loc: tuple[Any, ...], data: Any) -> list[str] | None:
+    """Field names allowed at ``loc`` (the parent of an unknown key), following discriminated unions by ``name``."""
+    model: Any = RunConfig
+    node = data
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        node = node.get(part) if isinstance(node, dict) else None
+        model = _resolve(field.annotation, node)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return None
+
+
+def _resolve(annotation: Any, node: Any) -> Any:
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _resolve(get_args(annotation)[0], node)
+    if origin is Union or str(origin) == "types.UnionType":
+        options = [a for a in get_args(annotation) if a is not type(None)]
+        name = node.get("name") if isinstance(node, dict) else None
+        for opt in options:
+            if isinstance(opt, type) and issubclass(opt, BaseModel) and "name" in opt.model_fields:
+                if opt.model_fields["name"].default == name:
+                    return opt
+        return options[0] if len(options) == 1 else None
+    return annotation
+
+
+def format_validation_error(err: ValidationError, data: Any) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in {"function-after", "tagged-union"}))
+        # pydantic puts the union tag in the location (e.g. objective.diffusion_dpo.beta); drop it for readability.
+        clean: list[Any] = []
+        for i, p in enumerate(loc):
+            if i > 0 and isinstance(p, str) and _is_tag(loc[:i], p, data):
+                continue
+            clean.append(p)
+        path = ".".join(str(p) for p in clean) or "(root)"
+        value = e.get("input")
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_fields(tuple(clean[:-1]), data) or []
+            hint = difflib.get_close_matches(str(clean[-1]), allowed, n=1)
+            did = f" Did you mean {'.'.join(map(str, clean[:-1] + [hint[0]]))!r}?" if hint else ""
+            lines.append(f"{path}: unknown key.{did} Allowed keys here: {', '.join(allowed)}.")
+        elif e["type"] == "missing":
+            lines.append(f"{path}: required field is missing.")
+        elif e["type"] == "union_tag_invalid":
+            ctx = e.get("ctx", {})
+            lines.append(f"{path}.name: {ctx.get('tag')!r} is not known; allowed: {ctx.get('expected_tags')}.")
+        elif e["type"] == "union_tag_not_found":
+            lines.append(f"{path}: needs a 'name' key choosing the variant.")
+        else:
+            lines.append(f"{path}: {e['msg']} (got {value!r}).")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _is_tag(parent: tuple[Any, ...], part: str, data: Any) -> bool:
+    node = data
+    for p in parent:
+        node = node.get(p) if isinstance(node, dict) else None
+    return isinstance(node, dict) and node.get("name") == part and part not in node
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read YAML with OmegaConf, apply ``a.b=c`` overrides, validate. Raises :class:`ConfigError`."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        base = OmegaConf.load(path)
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like key.sub=value")
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+        data = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{path}: could not parse YAML/overrides: {exc}") from exc
+    return validate_data(data, source=str(path))
+
+
+def validate_data(data: Any, source: str = "<config>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {format_validation_error(exc, data)}") from None
+
+
+def resolved_yaml(cfg: RunConfig) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(cfg.model_dump(mode="json")))
