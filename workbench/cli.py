@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("workbench.commands.train", "fine-tune a model from a YAML config: train CONFIG [key=value ...]"),
     "validate": ("workbench.commands.validate", "check a YAML config (and overrides) without running it"),
     "ls": ("workbench.commands.ls", "list registered objectives, scorers and samplers"),
+    "toy": ("workbench.commands.toy", "toy world: pretrain its pipeline, render images and pairs, measure adherence"),
 }
 
 
