@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("workbench.commands.validate", "check a YAML config (and overrides) without running it"),
     "ls": ("workbench.commands.ls", "list registered objectives, scorers and samplers"),
     "toy": ("workbench.commands.toy", "toy world: pretrain its pipeline, render images and pairs, measure adherence"),
+    "tiny": ("workbench.commands.tiny", "write tiny SDXL/SD1.5 test pipelines and data (configs/tiny use them)"),
 }
 
 

@@ -116,7 +116,8 @@ def fingerprint(module: torch.nn.Module, extra: str = "") -> str:
     h = hashlib.sha256(extra.encode())
     config = getattr(module, "config", None)
     if config is not None:
-        h.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+        as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        h.update(json.dumps(as_dict, sort_keys=True, default=str).encode())
     for name, p in sorted(module.state_dict().items()):
         h.update(name.encode())
         flat = p.detach().float().flatten()

@@ -262,3 +262,67 @@ def save_tiny_pipeline(spec: TinySpec, directory: str | Path) -> Path:
     pipe = build_tiny_pipeline(spec, directory / "_tokenizer_build")
     pipe.save_pretrained(str(directory), safe_serialization=True)
     return directory
+
+
+# ------------------------------------------------------------------------------------------------ tiny fixture data
+def _png(array: Any) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_tiny_pickapic(
+    path: str | Path, n: int = 32, *, seed: int = 0, corrupt_rows: tuple[int, ...] = (), ties: int = 0
+) -> Path:
+    """A small parquet in the Pick-a-Pic v2 layout (``jpg_0``, ``jpg_1``, ``label_0``, ``label_1``, ``caption``).
+
+    Preferred images are a bright centred square on a dark background; dispreferred ones are noise. Sizes vary
+    (40-56 px, not square) so that resizing, joint cropping and SDXL micro-conditioning are exercised.
+    ``corrupt_rows`` get undecodable bytes in ``jpg_1``; ``ties`` extra rows have ``label_0 = 0.5``.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    colours = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
+    rows: dict[str, list[Any]] = {k: [] for k in ("jpg_0", "jpg_1", "label_0", "label_1", "caption")}
+    for i in range(n + ties):
+        name, rgb = list(colours.items())[i % len(colours)]
+        h, w = int(rng.integers(40, 57)), int(rng.integers(40, 57))
+        good = np.full((h, w, 3), 20, dtype=np.uint8)
+        good[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = rgb
+        bad = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        winner_first = bool(rng.integers(0, 2))
+        a, b = (good, bad) if winner_first else (bad, good)
+        rows["jpg_0"].append(_png(a))
+        rows["jpg_1"].append(b"\x00not an image" if i in corrupt_rows else _png(b))
+        label0 = 0.5 if i >= n else (1.0 if winner_first else 0.0)
+        rows["label_0"].append(label0)
+        rows["label_1"].append(1.0 - label0)
+        rows["caption"].append(f"a {name} square")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(rows), str(path))
+    return path
+
+
+def write_tiny_fixtures(directory: str | Path) -> dict[str, Path]:
+    """Everything ``configs/tiny/*.yaml`` refer to: tiny SDXL and SD1.5 pipelines and a Pick-a-Pic parquet."""
+    directory = Path(directory)
+    out = {
+        "sdxl": directory / "sdxl",
+        "sd15": directory / "sd15",
+        "pickapic": directory / "pickapic.parquet",
+    }
+    if not (out["sdxl"] / "model_index.json").is_file():
+        save_tiny_pipeline(TinySpec(family="sdxl"), out["sdxl"])
+    if not (out["sd15"] / "model_index.json").is_file():
+        save_tiny_pipeline(TinySpec(family="sd15"), out["sd15"])
+    if not out["pickapic"].is_file():
+        write_tiny_pickapic(out["pickapic"], n=48)
+    return out
