@@ -11,6 +11,7 @@ Symbols: ``img``/``txt`` L2-normalised image/text embeddings ``[B, D]``; ``cos =
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 from collections.abc import Sequence
@@ -60,10 +61,13 @@ def create_open_clip(
     elif pretrained is not None and (os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
         if not os.path.isfile(pretrained):
             raise ValueError(f"{option}={pretrained!r}: file not found; pass the path of the checkpoint file")
+    # on the meta device (shape checks) build every tensor there directly: no init compute, no memory
+    on_meta = torch.device(device).type == "meta"
     try:
-        model = open_clip.create_model(
-            arch, pretrained=pretrained, device=device, precision="fp32", weights_only=True, load_weights=True
-        )
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
+            model = open_clip.create_model(
+                arch, pretrained=pretrained, device=device, precision="fp32", weights_only=True, load_weights=True
+            )
     except pickle.UnpicklingError as e:
         raise ValueError(
             f"{option}={pretrained!r} holds pickled objects that torch.load(weights_only=True) refuses; re-save it as a "

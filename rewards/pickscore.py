@@ -50,6 +50,14 @@ def _embedding(out: Any) -> torch.Tensor:
     return pooled
 
 
+def _side(size: Any, key: str) -> int:
+    """``224`` from an image-processor size field (int, dict or transformers 5 ``SizeDict``)."""
+    if isinstance(size, int):
+        return size
+    value = getattr(size, key, None)
+    return int(value if value is not None else size[key])
+
+
 def _load_pretrained(loader: Any, path: str, option: str, what: str, fix: str) -> Any:
     local = os.path.isdir(path)
     try:
@@ -115,8 +123,12 @@ class PickScore(Scorer):
             "save a CLIPProcessor (e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K) into a folder",
         )  # fmt: skip
         ip = processor.image_processor
-        crop = ip.crop_size
-        size = int(crop["height"] if isinstance(crop, dict) else crop)
+        size = _side(ip.crop_size, "height")
+        if _side(ip.size, "shortest_edge") != size:
+            raise ValueError(
+                f"processor at {processor_path or path}: resize {ip.size} and crop {ip.crop_size} differ; the tensor "
+                "preprocessing here supports CLIP's 'shortest side = crop side' layout only"
+            )
         return cls(
             model, processor.tokenizer, image_size=size, mean=ip.image_mean, std=ip.image_std, device=device,
             dtype=dtype, batch_size=batch_size, differentiable=differentiable,
