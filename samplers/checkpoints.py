@@ -66,7 +66,7 @@ def parse_checkpoints(specs: list[str]) -> list[Checkpoint]:
         if not sep:
             name, path = "", spec
         resolved = resolve_checkpoint_path(path)
-        out.append(Checkpoint(name or _default_name(Path(path)), str(resolved)))
+        out.append(Checkpoint(name or _default_name(resolved), str(resolved)))
     names = [c.name for c in out]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
