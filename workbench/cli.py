@@ -17,6 +17,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ls": ("workbench.commands.ls", "list registered objectives, scorers and samplers"),
     "toy": ("workbench.commands.toy", "toy world: pretrain its pipeline, render images and pairs, measure adherence"),
     "tiny": ("workbench.commands.tiny", "write tiny SDXL/SD1.5 test pipelines and data (configs/tiny use them)"),
+    "generate": ("workbench.commands.generate", "images from checkpoints with explicit seeds + a JSONL manifest"),
+    "eval": ("workbench.commands.evaluate", "checkpoints x prompts x seeds -> scores, win rates vs base, report"),
+    "synth": ("workbench.commands.synth", "K scored samples per prompt -> preference pairs (parquet) + rankings"),
 }
 
 
