@@ -207,7 +207,8 @@ class PersonalScorer(Scorer):
         for spec in data["members"]:
             opts = dict(spec)
             name = str(opts.pop("name"))
-            members[str(opts.pop("as", name))] = build_scorer(name, **opts)
+            key = str(opts.pop("as", name))
+            members[key] = build_scorer(name, **opts)
         return cls(members, data["weights"], data["mean"], data["std"], specs=data["members"], info=data["info"])
 
 
