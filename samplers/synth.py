@@ -129,7 +129,8 @@ def run_synth(
     """Generate, score and write every shard this process owns and that is not done yet."""
     import torch
 
-    from samplers.generate import from_uint8, generate_images, png_bytes, save_png
+    from samplers.generate import from_uint8, png_bytes, save_png
+    from samplers.jobs import generate_images
 
     out = Path(plan.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,14 +23,13 @@ from samplers import (
     sample,
     with_sampler,
 )
-from workbench.tiny import TinySpec, save_tiny_pipeline
 
 FAST = SamplingConfig(sampler="euler", steps=3, guidance=3.0)
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_pipeline(TinySpec(), tmp_path_factory.mktemp("tiny") / "pipe")
+def base_dir(tiny_fixtures: dict[str, Path]) -> Path:
+    return tiny_fixtures["sdxl"]
 
 
 @pytest.fixture(scope="module")
