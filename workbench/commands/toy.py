@@ -1,6 +1,6 @@
 """``workbench toy``: the toy world's own tools.
 
-* ``workbench toy pretrain [--out DIR] [--vae-minutes M --unet-minutes M | --vae-steps N --unet-steps N]``
+* ``workbench toy pretrain [--out DIR] [--total-minutes M | --vae-steps N --unet-steps N ...]``
   pretrains the toy pipeline on CPU (VAE, then UNet + text encoders); see ``workbench/toy/pretrain.py``.
 * ``workbench toy render [--out DIR] [--n N] [--split train|heldout|all] [--pairs N]`` writes world images with their
   prompts and scene parameters (``scenes.jsonl``) and a grid, and optionally centring preference pairs.
@@ -26,9 +26,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="(0)")
     p.add_argument("--vae-steps", type=int, default=None, help="VAE step cap (800)")
     p.add_argument("--unet-steps", type=int, default=None, help="UNet step cap (3000)")
-    p.add_argument("--vae-minutes", type=float, default=None, help="VAE time budget in minutes, 0 = none (4)")
+    p.add_argument("--vae-minutes", type=float, default=None, help="VAE time budget in minutes, 0 = none (8)")
     p.add_argument(
-        "--unet-minutes", type=float, default=None, help="UNet time budget in minutes, 0 = none (28)"
+        "--vae-target-psnr", type=float, default=None, help="stop the VAE at this train PSNR, dB (30)"
+    )
+    p.add_argument(
+        "--unet-minutes", type=float, default=None, help="UNet time budget in minutes, 0 = none (0)"
+    )
+    p.add_argument(
+        "--total-minutes",
+        type=float,
+        default=None,
+        help="UNet stops when the run reaches this, 0 = none (34)",
     )
     p.add_argument(
         "--pool-size", type=int, default=None, help="world images VAE-encoded for UNet training (16384)"
@@ -64,7 +73,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     from workbench.toy.pretrain import PretrainConfig, pretrain
 
     keys = ("out", "seed", "vae_steps", "unet_steps", "vae_minutes", "unet_minutes", "pool_size")
-    keys += ("checkpoint_minutes", "init", "threads")
+    keys += ("vae_target_psnr", "total_minutes", "checkpoint_minutes", "init", "threads")
     cfg = PretrainConfig(**{k: getattr(args, k) for k in keys if getattr(args, k) is not None})
     summary = pretrain(cfg)
     print(f"pipeline: {Path(cfg.out) / 'pipeline'}  ({summary['total_wall_s']:.0f} s)")

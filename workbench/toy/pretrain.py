@@ -48,12 +48,18 @@ class PretrainConfig:
     out: str = "runs/toy_pretrain"
     seed: int = 0
     vae_steps: int = 800
-    vae_minutes: float = 4.0  #: time budget of the VAE phase; 0 = no limit (run all ``vae_steps``)
+    vae_minutes: float = 8.0  #: time budget of the VAE phase; 0 = no limit (run all ``vae_steps``)
+    vae_target_psnr: float = (
+        30.0  #: stop the VAE once the mean train PSNR of the last 25 steps reaches this (dB)
+    )
     vae_batch: int = 32
     vae_lr: float = 1e-3
     kl_weight: float = 1e-4
     unet_steps: int = 3000
-    unet_minutes: float = 28.0  #: time budget of the UNet phase; 0 = no limit
+    unet_minutes: float = 0.0  #: time budget of the UNet phase; 0 = no limit
+    total_minutes: float = (
+        34.0  #: the UNet phase also stops when the whole run has taken this long; 0 = no limit
+    )
     unet_batch: int = 64
     unet_lr: float = 1e-3
     warmup_steps: int = 100
@@ -85,8 +91,10 @@ def train_vae(vae: Any, cfg: PretrainConfig, log: Path) -> dict[str, float]:
     """Phase 1: the KL autoencoder on fresh world images (seeds 10^9 + step * batch + i)."""
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    t0, step, mse = time.monotonic(), 0, float("nan")
+    t0, step, mse, psnrs = time.monotonic(), 0, float("nan"), []
     while step < cfg.vae_steps and (cfg.vae_minutes <= 0 or time.monotonic() - t0 < cfg.vae_minutes * 60):
+        if len(psnrs) >= 25 and np.mean(psnrs[-25:]) >= cfg.vae_target_psnr:
+            break
         x = _images(range(10**9 + step * cfg.vae_batch, 10**9 + (step + 1) * cfg.vae_batch))
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=None)).sample
@@ -98,8 +106,8 @@ def train_vae(vae: Any, cfg: PretrainConfig, log: Path) -> dict[str, float]:
         opt.step()
         step += 1
         mse = rec.item()
+        psnrs.append(10 * math.log10(4.0 / max(mse, 1e-12)))  # range [-1, 1] -> peak-to-peak 2
         if step % cfg.log_every == 0 or step == 1:
-            psnr = 10 * math.log10(4.0 / max(mse, 1e-12))  # range [-1, 1] -> peak-to-peak 2
             _log(
                 log,
                 {
@@ -107,7 +115,7 @@ def train_vae(vae: Any, cfg: PretrainConfig, log: Path) -> dict[str, float]:
                     "step": step,
                     "mse": mse,
                     "kl": kl.item(),
-                    "psnr": psnr,
+                    "psnr": psnrs[-1],
                     "wall_s": time.monotonic() - t0,
                 },
             )
@@ -168,7 +176,9 @@ def _save_pipeline(components: dict[str, Any], ema: dict[str, Any], directory: P
     tmp.rename(directory)
 
 
-def train_unet(components: dict[str, Any], cfg: PretrainConfig, log: Path, out: Path) -> dict[str, float]:
+def train_unet(
+    components: dict[str, Any], cfg: PretrainConfig, log: Path, out: Path, deadline: float = math.inf
+) -> dict[str, float]:
     """Phase 2: the UNet and both text encoders, with EMA copies that are what gets saved."""
     from diffusers import DDPMScheduler
 
@@ -204,7 +214,11 @@ def train_unet(components: dict[str, Any], cfg: PretrainConfig, log: Path, out: 
         m.train(cfg.train_text_encoders)
     t0 = last_ckpt = time.monotonic()
     step, losses = 0, []
-    while step < cfg.unet_steps and (cfg.unet_minutes <= 0 or time.monotonic() - t0 < cfg.unet_minutes * 60):
+    while (
+        step < cfg.unet_steps
+        and (cfg.unet_minutes <= 0 or time.monotonic() - t0 < cfg.unet_minutes * 60)
+        and time.monotonic() < deadline
+    ):
         idx = torch.randint(len(pidx), (cfg.unet_batch,), generator=g)
         x0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)) * scale  # [B, 4, 16, 16]
         eps = torch.randn(x0.shape, generator=g)
@@ -283,7 +297,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                 )
         summary.update(train_vae(components["vae"], cfg, log))
     components["vae"].requires_grad_(False).eval()
-    summary.update(train_unet(components, cfg, log, out))
+    deadline = t0 + cfg.total_minutes * 60 if cfg.total_minutes > 0 else math.inf
+    summary.update(train_unet(components, cfg, log, out, deadline))
     summary["total_wall_s"] = time.monotonic() - t0
     summary["torch_threads"] = torch.get_num_threads()
     (out / "pretrain.json").write_text(json.dumps(summary, indent=2))
