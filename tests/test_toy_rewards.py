@@ -114,7 +114,7 @@ def test_empty_image_and_free_text_prompts() -> None:
 
 
 def test_any_resolution(rendered) -> None:
-    images, prompts, _ = rendered
+    _, prompts, _ = rendered
     big, _, _ = world.render_batch(range(16), prompts[:16], resolution=96)
     out = SCORERS.get("toy/fidelity")()(torch.from_numpy(big), prompts[:16])
     assert float(out.mean()) > 0.95

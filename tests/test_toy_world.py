@@ -76,10 +76,10 @@ def test_parse_prompt() -> None:
 
 
 def test_centering_pairs_differ_only_in_position() -> None:
-    w, l, prompts, scenes = world.render_centering_pairs(64, seed=0)
-    w2, l2, prompts2, _ = world.render_centering_pairs(64, seed=0)
-    assert np.array_equal(w, w2) and np.array_equal(l, l2) and prompts == prompts2
-    assert w.shape == l.shape == (64, 3, 32, 32)
+    win, lose, prompts, scenes = world.render_centering_pairs(64, seed=0)
+    win2, lose2, prompts2, _ = world.render_centering_pairs(64, seed=0)
+    assert np.array_equal(win, win2) and np.array_equal(lose, lose2) and prompts == prompts2
+    assert win.shape == lose.shape == (64, 3, 32, 32)
     assert set(prompts) <= set(world.TRAIN_PROMPTS)
     for sw, sl in scenes:
         assert (sw.cx, sw.cy) == (0.5, 0.5)
