@@ -21,7 +21,9 @@ from rewards import aesthetic, clip, ensemble, hps, jpeg, personal, pickscore
 from rewards.base import SCORERS, Scorer
 from rewards.ensemble import EnsembleScorer
 
-if importlib.util.find_spec("rewards.toy") is not None:  # the toy world's analytic rewards (teammate's module)
+if (
+    importlib.util.find_spec("rewards.toy") is not None
+):  # the toy world's analytic rewards (teammate's module)
     from rewards import toy  # noqa: F401
 
 __all__ = [
@@ -100,5 +102,7 @@ def build_ensemble(
         built = {f"{type(m).__name__.lower()}_{i}": m for i, m in enumerate(members)}
         return EnsembleScorer(built, method=method, weights=weights, stats=stats)  # pyright: ignore[reportArgumentType]
     if any(isinstance(m, Scorer) for m in members):
-        raise ValueError("ensemble members mix built scorers and specs; pass a {name: scorer} mapping instead")
+        raise ValueError(
+            "ensemble members mix built scorers and specs; pass a {name: scorer} mapping instead"
+        )
     return EnsembleScorer.from_options(members, method=method, weights=weights, stats=stats)  # pyright: ignore[reportArgumentType]

@@ -62,7 +62,9 @@ def load_aesthetic_mlp(path: str, input_size: int = 768) -> AestheticMLP:
 
 @SCORERS.register("aesthetic")
 class AestheticScorer(OpenClipScorer):
-    description = "LAION aesthetic v2: linear MLP on CLIP ViT-L/14 image embeddings; ~1-10 (AVA-like), no prompt"
+    description = (
+        "LAION aesthetic v2: linear MLP on CLIP ViT-L/14 image embeddings; ~1-10 (AVA-like), no prompt"
+    )
     needs_prompt = False
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, mlp: AestheticMLP, **kwargs: Any) -> None:

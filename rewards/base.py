@@ -34,7 +34,9 @@ class Scorer(torch.nn.Module):
     #: False for prompt-independent scorers (aesthetic, JPEG size); they ignore ``prompts``.
     needs_prompt: bool = True
 
-    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:  # pragma: no cover - abstract
+    def score(
+        self, images: torch.Tensor, prompts: Sequence[str]
+    ) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str] | str) -> torch.Tensor:
@@ -58,10 +60,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         return torch.device(device)
     except RuntimeError as e:
-        raise ValueError(f"device={device!r} is not a torch device; use 'cpu', 'cuda', 'cuda:1' or 'auto'") from e
+        raise ValueError(
+            f"device={device!r} is not a torch device; use 'cpu', 'cuda', 'cuda:1' or 'auto'"
+        ) from e
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 _DTYPES |= {"float16": torch.float16, "fp16": torch.float16}
 
 

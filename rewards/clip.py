@@ -32,7 +32,11 @@ from rewards.base import (
 )
 from rewards.preprocess import OPENAI_MEAN, OPENAI_STD, ResizeMode, clip_pixels
 
-_OPEN_CLIP_MODES: dict[str, ResizeMode] = {"shortest": "shortest_crop", "longest": "longest_pad", "squash": "squash"}
+_OPEN_CLIP_MODES: dict[str, ResizeMode] = {
+    "shortest": "shortest_crop",
+    "longest": "longest_pad",
+    "squash": "squash",
+}
 
 
 def create_open_clip(
@@ -58,7 +62,9 @@ def create_open_clip(
                 "layout (open_clip_config.json + open_clip_model.safetensors)"
             )
         pretrained = None
-    elif pretrained is not None and (os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
+    elif pretrained is not None and (
+        os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+    ):
         if not os.path.isfile(pretrained):
             raise ValueError(f"{option}={pretrained!r}: file not found; pass the path of the checkpoint file")
     # on the meta device (shape checks) build every tensor there directly: no init compute, no memory
@@ -66,7 +72,12 @@ def create_open_clip(
     try:
         with torch.device("meta") if on_meta else contextlib.nullcontext():
             model = open_clip.create_model(
-                arch, pretrained=pretrained, device=device, precision="fp32", weights_only=True, load_weights=True
+                arch,
+                pretrained=pretrained,
+                device=device,
+                precision="fp32",
+                weights_only=True,
+                load_weights=True,
             )
     except pickle.UnpicklingError as e:
         raise ValueError(
@@ -119,17 +130,27 @@ class OpenClipScorer(Scorer):
         differentiable: bool = False,
     ) -> None:
         super().__init__()
-        self.device = resolve_device(device)
-        self.compute_dtype = resolve_dtype(dtype, self.device)
+        target = resolve_device(device)
+        self.dtype_option = dtype
+        resolve_dtype(dtype, target)  # validate now, resolve per call (the scorer may be moved with .to())
         self.batch_size = check_batch_size(batch_size)
         self.differentiable = bool(differentiable)
         self.model = model.eval().requires_grad_(False)
-        if self.device.type != "meta":
-            self.model.to(self.device)
+        if target.type != "meta":
+            self.model.to(target)
         self.tokenizer = tokenizer
         self.image_size, self.resize_mode = int(image_size), resize_mode
         self.mean, self.std = tuple(mean), tuple(std)
         self.text_cache = TextEmbeddingCache(self._encode_text)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model lives (follows ``.to()``)."""
+        return next(self.model.parameters()).device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return resolve_dtype(self.dtype_option, self.device)
 
     def _encode_text(self, prompts: list[str]) -> torch.Tensor:
         tokens = self.tokenizer(prompts).to(self.device)
@@ -163,7 +184,9 @@ class OpenClipScorer(Scorer):
 class CLIPScore(OpenClipScorer):
     """CLIP score: ``100 * cos(image, prompt)``, clamped at 0 (torchmetrics scale; Hessel's CLIP-S = 2.5 cos)."""
 
-    description = "CLIP score: 100 x cosine(image, prompt) with an open_clip model, clamped at 0; ~15-35 for matches"
+    description = (
+        "CLIP score: 100 x cosine(image, prompt) with an open_clip model, clamped at 0; ~15-35 for matches"
+    )
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, clamp: bool = True, **kwargs: Any) -> None:
         super().__init__(model, tokenizer, **kwargs)

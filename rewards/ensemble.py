@@ -61,7 +61,9 @@ def zscore_average(
 ) -> torch.Tensor:
     """``scores[S, B]`` -> ``[B]``: weighted mean of per-scorer z-scores (zero where a scorer has no spread)."""
     s = scores.shape[0]
-    mu = scores.mean(1, keepdim=True) if mean is None else torch.as_tensor(mean, dtype=scores.dtype).view(s, 1)
+    mu = (
+        scores.mean(1, keepdim=True) if mean is None else torch.as_tensor(mean, dtype=scores.dtype).view(s, 1)
+    )
     if std is None:
         sigma = scores.std(1, keepdim=True) if scores.shape[1] > 1 else torch.zeros_like(scores[:, :1])
     else:
@@ -114,12 +116,18 @@ class EnsembleScorer(Scorer):
     ) -> None:
         super().__init__()
         if not members:
-            raise ValueError("ensemble members is empty; list at least one scorer, e.g. members=['hpsv2.1', ...]")
+            raise ValueError(
+                "ensemble members is empty; list at least one scorer, e.g. members=['hpsv2.1', ...]"
+            )
         if method not in METHODS:
             raise ValueError(f"ensemble method={method!r} is unknown; use one of {', '.join(METHODS)}")
         if method == "winrate" and weights is not None:
-            raise ValueError("ensemble weights are not used by method='winrate'; remove weights or use 'rank'")
-        self.members = torch.nn.ModuleDict(dict(members))
+            raise ValueError(
+                "ensemble weights are not used by method='winrate'; remove weights or use 'rank'"
+            )
+        # a ModuleList (not ModuleDict): member names such as "hpsv2.1" contain dots
+        self.member_names = [str(k) for k in members]
+        self.member_modules = torch.nn.ModuleList(members.values())
         self.method = method
         self.weights = None if weights is None else [float(w) for w in weights]
         if self.weights is not None and len(self.weights) != len(members):
@@ -127,12 +135,22 @@ class EnsembleScorer(Scorer):
         self.stats = {k: (float(v[0]), float(v[1])) for k, v in (stats or {}).items()}
         unknown = set(self.stats) - set(members)
         if unknown:
-            raise ValueError(f"ensemble stats names unknown members {sorted(unknown)}; members are {list(members)}")
+            raise ValueError(
+                f"ensemble stats names unknown members {sorted(unknown)}; members are {list(members)}"
+            )
         if self.stats and set(self.stats) != set(members):
-            raise ValueError(f"ensemble stats must give [mean, std] for every member ({list(members)}) or none")
+            raise ValueError(
+                f"ensemble stats must give [mean, std] for every member ({list(members)}) or none"
+            )
         # differentiable only when the aggregation is smooth and every member is
-        self.differentiable = method == "zscore" and bool(self.stats) and all(m.differentiable for m in members.values())
+        self.differentiable = (
+            method == "zscore" and bool(self.stats) and all(m.differentiable for m in members.values())
+        )
         self.needs_prompt = any(m.needs_prompt for m in members.values())
+
+    @property
+    def members(self) -> dict[str, Scorer]:
+        return dict(zip(self.member_names, self.member_modules))  # pyright: ignore[reportReturnType]
 
     @classmethod
     def from_options(
@@ -150,7 +168,9 @@ class EnsembleScorer(Scorer):
         for spec in members:
             opts = {"name": spec} if isinstance(spec, str) else dict(spec)
             if "name" not in opts:
-                raise ValueError(f"ensemble member {spec!r} has no 'name'; write {{'name': 'hpsv2.1', 'path': ...}}")
+                raise ValueError(
+                    f"ensemble member {spec!r} has no 'name'; write {{'name': 'hpsv2.1', 'path': ...}}"
+                )
             name = str(opts.pop("name"))
             key = str(opts.pop("as", name))
             if key in built:

@@ -40,9 +40,13 @@ class HPSScorer(OpenClipScorer):
     #: released checkpoint file name (HF model repo ``xswu/HPSv2``)
     checkpoint_name: str = "HPS_v2.1_compressed.pt"
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, scale: Scale = "cosine", **kwargs: Any) -> None:
+    def __init__(
+        self, model: torch.nn.Module, tokenizer: Any, *, scale: Scale = "cosine", **kwargs: Any
+    ) -> None:
         if scale not in _SCALES:
-            raise ValueError(f"scale={scale!r} is unknown; use 'cosine' (hpsv2.score) or 'benchmark' (100 x cosine)")
+            raise ValueError(
+                f"scale={scale!r} is unknown; use 'cosine' (hpsv2.score) or 'benchmark' (100 x cosine)"
+            )
         kwargs.setdefault("resize_mode", "longest_pad")  # HPS ResizeMaxSize: letterbox, black pad
         kwargs.setdefault("mean", OPENAI_MEAN)
         kwargs.setdefault("std", OPENAI_STD)
@@ -83,11 +87,15 @@ class HPSScorer(OpenClipScorer):
 
 @SCORERS.register("hpsv2")
 class HPSv2(HPSScorer):
-    description = "HPS v2.0: cosine(image, prompt) of the HPS ViT-H-14 (~0.2-0.35; scale='benchmark' gives 100x)"
+    description = (
+        "HPS v2.0: cosine(image, prompt) of the HPS ViT-H-14 (~0.2-0.35; scale='benchmark' gives 100x)"
+    )
     checkpoint_name = "HPS_v2_compressed.pt"
 
 
 @SCORERS.register("hpsv2.1")
 class HPSv21(HPSScorer):
-    description = "HPS v2.1: cosine(image, prompt) of the HPS ViT-H-14 (~0.2-0.35; scale='benchmark' gives 100x)"
+    description = (
+        "HPS v2.1: cosine(image, prompt) of the HPS ViT-H-14 (~0.2-0.35; scale='benchmark' gives 100x)"
+    )
     checkpoint_name = "HPS_v2.1_compressed.pt"

@@ -22,7 +22,9 @@ def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
     """``[B, 3, H, W]`` in [0, 1] -> JPEG file size in kB (1000 bytes) at ``quality``, ``[B]`` float32."""
     from PIL import Image
 
-    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    arr = (
+        (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    )
     sizes = []
     for a in arr:
         buf = io.BytesIO()
@@ -38,7 +40,9 @@ class _JpegScorer(Scorer):
     def __init__(self, quality: int = 95, differentiable: bool = False) -> None:
         super().__init__()
         if differentiable:
-            raise ValueError(f"{type(self).__name__} is not differentiable (PIL JPEG encoder); set differentiable=false")
+            raise ValueError(
+                f"{type(self).__name__} is not differentiable (PIL JPEG encoder); set differentiable=false"
+            )
         if not 1 <= int(quality) <= 100:
             raise ValueError(f"quality={quality} must be in 1..100 (DDPO uses 95)")
         self.quality = int(quality)
@@ -55,5 +59,7 @@ class JpegIncompressibility(_JpegScorer):
 
 @SCORERS.register("jpeg_compressibility")
 class JpegCompressibility(_JpegScorer):
-    description = "minus JPEG size in kB at quality 95 (DDPO compressibility); larger = simpler image; no prompt"
+    description = (
+        "minus JPEG size in kB at quality 95 (DDPO compressibility); larger = simpler image; no prompt"
+    )
     sign = -1.0

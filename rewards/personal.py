@@ -40,7 +40,9 @@ def fit_bradley_terry(
     prior)``, Hessian ``diff.T diag(sigmoid(m) sigmoid(-m)) diff + l2 I`` with margins ``m = diff @ w``), in float64.
     """
     if l2 <= 0:
-        raise ValueError(f"l2={l2} must be > 0 (it is what makes a handful of choices give a sensible scorer)")
+        raise ValueError(
+            f"l2={l2} must be > 0 (it is what makes a handful of choices give a sensible scorer)"
+        )
     d = diff.double()
     w0 = prior.double()
     w = w0.clone()
@@ -88,7 +90,9 @@ def standardise(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class PersonalScorer(Scorer):
     """``w . standardise(population scores)``, fitted with :meth:`fit`; saved as a small JSON file."""
 
-    description = "personal Bradley-Terry reward over standardised population scores; logit units (diff = log-odds)"
+    description = (
+        "personal Bradley-Terry reward over standardised population scores; logit units (diff = log-odds)"
+    )
 
     def __init__(
         self,
@@ -103,7 +107,9 @@ class PersonalScorer(Scorer):
         super().__init__()
         if not members:
             raise ValueError("personal scorer needs at least one feature scorer (members)")
-        self.members = torch.nn.ModuleDict(dict(members))
+        # a ModuleList (not ModuleDict): member names such as "hpsv2.1" contain dots
+        self.member_names = [str(k) for k in members]
+        self.member_modules = torch.nn.ModuleList(members.values())
         s = len(self.members)
         self.register_buffer("weights", torch.as_tensor(weights, dtype=torch.float32).reshape(s))
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).reshape(s))
@@ -122,6 +128,11 @@ class PersonalScorer(Scorer):
         return (phi @ self.weights.cpu()).to(images.device)  # pyright: ignore[reportOperatorIssue]
 
     # -- fitting ------------------------------------------------------------------------------------------------------
+
+    @property
+    def members(self) -> dict[str, Scorer]:
+        return dict(zip(self.member_names, self.member_modules))  # pyright: ignore[reportReturnType]
+
     @staticmethod
     def prior(names: Sequence[str], anchor: str | None = None) -> torch.Tensor:
         if anchor is None:
@@ -199,7 +210,9 @@ class PersonalScorer(Scorer):
 
         if path is None or not Path(path).is_file():
             where = "no path was given" if path is None else f"{path} does not exist"
-            raise ValueError(f"personal scorer file not found ({where}): fit one and pass path=/path/to/personal.json")
+            raise ValueError(
+                f"personal scorer file not found ({where}): fit one and pass path=/path/to/personal.json"
+            )
         data = json.loads(Path(path).read_text())
         if data.get("format") != FORMAT:
             raise ValueError(f"{path}: format {data.get('format')!r} is not {FORMAT!r}; refit and save again")
@@ -209,7 +222,9 @@ class PersonalScorer(Scorer):
             name = str(opts.pop("name"))
             key = str(opts.pop("as", name))
             members[key] = build_scorer(name, **opts)
-        return cls(members, data["weights"], data["mean"], data["std"], specs=data["members"], info=data["info"])
+        return cls(
+            members, data["weights"], data["mean"], data["std"], specs=data["members"], info=data["info"]
+        )
 
 
 def expand_choices(
@@ -221,7 +236,9 @@ def expand_choices(
         losers = [lose] if isinstance(lose, int) else list(lose)
         for loser in losers:
             if not (0 <= win < n_items and 0 <= loser < n_items) or win == loser:
-                raise ValueError(f"choice {i} = ({win}, {lose}) must index two different images among {n_items}")
+                raise ValueError(
+                    f"choice {i} = ({win}, {lose}) must index two different images among {n_items}"
+                )
             pairs.append((int(win), int(loser)))
     if not pairs:
         raise ValueError("no choices given; record at least one (chosen, rejected) pair")

@@ -46,7 +46,9 @@ def _embedding(out: Any) -> torch.Tensor:
         return out
     pooled = getattr(out, "pooler_output", None)
     if not isinstance(pooled, torch.Tensor):
-        raise TypeError(f"unexpected CLIP feature output {type(out).__name__}; expected a tensor or pooler_output")
+        raise TypeError(
+            f"unexpected CLIP feature output {type(out).__name__}; expected a tensor or pooler_output"
+        )
     return pooled
 
 
@@ -63,12 +65,16 @@ def _load_pretrained(loader: Any, path: str, option: str, what: str, fix: str) -
     try:
         return loader.from_pretrained(path, local_files_only=local)
     except OSError as e:
-        raise ValueError(f"{what} not found at {path!r} ({e.__class__.__name__}): {fix} and pass {option}=...") from e
+        raise ValueError(
+            f"{what} not found at {path!r} ({e.__class__.__name__}): {fix} and pass {option}=..."
+        ) from e
 
 
 @SCORERS.register("pickscore")
 class PickScore(Scorer):
-    description = "PickScore: exp(logit_scale) x cosine(image, prompt), CLIP-H fine-tuned on Pick-a-Pic; ~18-23"
+    description = (
+        "PickScore: exp(logit_scale) x cosine(image, prompt), CLIP-H fine-tuned on Pick-a-Pic; ~18-23"
+    )
     supports_grad = True
 
     def __init__(
@@ -86,17 +92,27 @@ class PickScore(Scorer):
         differentiable: bool = False,
     ) -> None:
         super().__init__()
-        self.device = resolve_device(device)
-        self.compute_dtype = resolve_dtype(dtype, self.device)
+        target = resolve_device(device)
+        self.dtype_option = dtype
+        resolve_dtype(dtype, target)  # validate now, resolve per call (the scorer may be moved with .to())
         self.batch_size = check_batch_size(batch_size)
         self.differentiable = bool(differentiable)
         self.model = model.eval().requires_grad_(False)
-        if self.device.type != "meta":
-            self.model.to(self.device)
+        if target.type != "meta":
+            self.model.to(target)
         self.tokenizer = tokenizer
         self.image_size, self.max_length = int(image_size), int(max_length)
         self.mean, self.std = tuple(mean), tuple(std)
         self.text_cache = TextEmbeddingCache(self._encode_text)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model lives (follows ``.to()``)."""
+        return next(self.model.parameters()).device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return resolve_dtype(self.dtype_option, self.device)
 
     @classmethod
     def from_pretrained(
@@ -139,7 +155,9 @@ class PickScore(Scorer):
             prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.device)
         with autocast(self.device, self.compute_dtype):
-            out = self.model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])  # pyright: ignore[reportCallIssue]
+            out = self.model.get_text_features(
+                input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]
+            )  # pyright: ignore[reportCallIssue]
         return F.normalize(_embedding(out).float(), dim=-1)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -147,7 +165,11 @@ class PickScore(Scorer):
         with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
             for sl in chunks(images.shape[0], self.batch_size):
                 pixels = clip_pixels(
-                    images[sl].to(self.device), size=self.image_size, mode="shortest_crop", mean=self.mean, std=self.std
+                    images[sl].to(self.device),
+                    size=self.image_size,
+                    mode="shortest_crop",
+                    mean=self.mean,
+                    std=self.std,
                 )
                 with autocast(self.device, self.compute_dtype):
                     feats = self.model.get_image_features(pixel_values=pixels)  # pyright: ignore[reportCallIssue]

@@ -57,8 +57,8 @@ def resize_shortest_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     new_long = int(size * long / short)
     new_h, new_w = (size, new_long) if h <= w else (new_long, size)
     x = _resize(x, (new_h, new_w))
-    top = int(round((new_h - size) / 2.0))  # torchvision center_crop rounding
-    left = int(round((new_w - size) / 2.0))
+    top = round((new_h - size) / 2.0)  # torchvision center_crop rounding
+    left = round((new_w - size) / 2.0)
     return x[..., top : top + size, left : left + size]
 
 

@@ -12,7 +12,9 @@ from rewards.clip import create_open_clip
 
 
 def _clip(**options):
-    return rewards.build_scorer("clipscore", arch=f"local-dir:{open_clip_folder()}", pretrained=None, **options)
+    return rewards.build_scorer(
+        "clipscore", arch=f"local-dir:{open_clip_folder()}", pretrained=None, **options
+    )
 
 
 def test_clipscore_from_open_clip_folder_is_100_cos_clamped():
@@ -31,9 +33,9 @@ def test_clipscore_from_checkpoint_file_and_arch_name():
 
 
 def test_clipscore_needs_weights_and_offline_tags_fail_clearly():
-    with pytest.raises(ValueError, match="pretrained="):
+    with pytest.raises(ValueError, match=r"pretrained="):
         rewards.build_scorer("clipscore", pretrained=None)
-    with pytest.raises(ValueError, match="no open_clip_config.json"):
+    with pytest.raises(ValueError, match=r"no open_clip_config\.json"):
         rewards.build_scorer("clipscore", arch=f"local-dir:{workdir()}", pretrained=None)
     with pytest.raises(ValueError, match="file not found"):
         rewards.build_scorer("clipscore", pretrained="/nowhere/clip.pt")
@@ -54,7 +56,9 @@ def test_aesthetic_mlp_has_the_released_key_layout():
 
 def test_aesthetic_scores_mlp_of_normalised_clip_embedding_and_ignores_prompt():
     path, mlp = _aesthetic_mlp_path()
-    s = rewards.build_scorer("aesthetic", path=str(path), clip_arch=f"local-dir:{open_clip_folder()}", clip_pretrained=None)
+    s = rewards.build_scorer(
+        "aesthetic", path=str(path), clip_arch=f"local-dir:{open_clip_folder()}", clip_pretrained=None
+    )
     assert isinstance(s, AestheticScorer) and not s.needs_prompt
     x = images(3)
     out = s(x, ["a", "b", "c"])
@@ -68,8 +72,10 @@ def test_aesthetic_scores_mlp_of_normalised_clip_embedding_and_ignores_prompt():
 def test_aesthetic_refuses_mismatched_mlp_and_missing_file():
     path, _ = _aesthetic_mlp_path(768)  # released size, but the tiny backbone has 16-d embeddings
     with pytest.raises(ValueError, match="not a LAION aesthetic v2 MLP for 16-d"):
-        rewards.build_scorer("aesthetic", path=str(path), clip_arch=f"local-dir:{open_clip_folder()}", clip_pretrained=None)
-    with pytest.raises(ValueError, match="sac\\+logos\\+ava1-l14-linearMSE.pth"):
+        rewards.build_scorer(
+            "aesthetic", path=str(path), clip_arch=f"local-dir:{open_clip_folder()}", clip_pretrained=None
+        )
+    with pytest.raises(ValueError, match=r"sac\+logos\+ava1-l14-linearMSE\.pth"):
         rewards.build_scorer("aesthetic")
 
 

@@ -49,7 +49,8 @@ def test_softmax_by_group():
 
 def test_ensemble_scorer_from_specs_combines_member_scores():
     ens = rewards.build_ensemble(
-        ["jpeg_incompressibility", {"name": "jpeg_compressibility", "as": "small", "quality": 50}], method="rank"
+        ["jpeg_incompressibility", {"name": "jpeg_compressibility", "as": "small", "quality": 50}],
+        method="rank",
     )
     assert isinstance(ens, EnsembleScorer) and list(ens.members) == ["jpeg_incompressibility", "small"]
     x = images(4, 32, 32)

@@ -88,13 +88,17 @@ def test_differentiable_mode_passes_gradients_to_pixels():
 
 def test_bf16_autocast_stays_close():
     x = images(2)
-    torch.testing.assert_close(_hps(dtype="bfloat16")(x, PROMPTS[:2]), _hps()(x, PROMPTS[:2]), atol=3e-2, rtol=0)
+    torch.testing.assert_close(
+        _hps(dtype="bfloat16")(x, PROMPTS[:2]), _hps()(x, PROMPTS[:2]), atol=3e-2, rtol=0
+    )
 
 
 def test_missing_weights_name_the_file_and_option():
     with pytest.raises(ValueError, match=r"HPS_v2\.1_compressed\.pt.*path="):
         rewards.build_scorer("hpsv2.1")
-    with pytest.raises(ValueError, match=r"/nowhere/HPS_v2_compressed\.pt does not exist.*HPS_v2_compressed\.pt"):
+    with pytest.raises(
+        ValueError, match=r"/nowhere/HPS_v2_compressed\.pt does not exist.*HPS_v2_compressed\.pt"
+    ):
         rewards.build_scorer("hpsv2", path="/nowhere/HPS_v2_compressed.pt")
     with pytest.raises(ValueError, match="accepted options"):
         rewards.build_scorer("hpsv2", checkpoint="x.pt")

@@ -46,7 +46,9 @@ def test_probabilities_sum_to_one_per_prompt():
 def test_transformers_5_feature_outputs_are_unwrapped():
     t = torch.randn(2, 4)
     assert _embedding(t) is t
-    assert _embedding(BaseModelOutputWithPooling(last_hidden_state=torch.randn(2, 3, 8), pooler_output=t)) is t
+    assert (
+        _embedding(BaseModelOutputWithPooling(last_hidden_state=torch.randn(2, 3, 8), pooler_output=t)) is t
+    )
     # and the installed transformers really returns an output object or a tensor we handle
     s = _pickscore()
     raw = s.model.get_image_features(pixel_values=torch.zeros(1, 3, 224, 224))
@@ -58,7 +60,7 @@ def test_differentiable_mode_and_missing_weights():
     x = images(2).requires_grad_(True)
     s(x, PROMPTS[:2]).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="PickScore_v1.*path="):
+    with pytest.raises(ValueError, match=r"PickScore_v1.*path="):
         rewards.build_scorer("pickscore")
     with pytest.raises(ValueError, match="PickScore weights not found at '/nowhere/PickScore_v1'"):
         rewards.build_scorer("pickscore", path="/nowhere/PickScore_v1")
@@ -71,7 +73,12 @@ def test_full_size_pickscore_clip_h_on_meta_has_the_released_size():
 
     cfg = CLIPConfig(
         projection_dim=1024,
-        text_config={"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16},
+        text_config={
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+        },
         vision_config={
             "hidden_size": 1280,
             "intermediate_size": 5120,

@@ -11,7 +11,15 @@ import torch
 import rewards
 from rewards.base import Scorer
 
-OURS = ["aesthetic", "clipscore", "ensemble", "hpsv2", "hpsv2.1", "jpeg_compressibility", "jpeg_incompressibility"]
+OURS = [
+    "aesthetic",
+    "clipscore",
+    "ensemble",
+    "hpsv2",
+    "hpsv2.1",
+    "jpeg_compressibility",
+    "jpeg_incompressibility",
+]
 OURS += ["personal", "pickscore"]
 
 
@@ -33,7 +41,7 @@ def test_options_are_plain_yaml_values():
 def test_unknown_names_and_options_list_what_exists():
     with pytest.raises(ValueError, match=r"unknown scorer 'hps'.*hpsv2\.1"):
         rewards.build_scorer("hps")
-    with pytest.raises(ValueError, match="has no option.*qualty.*accepted options: quality"):
+    with pytest.raises(ValueError, match=r"has no option.*qualty.*accepted options: quality"):
         rewards.build_scorer("jpeg_compressibility", qualty=90)
     with pytest.raises(ValueError, match="not differentiable"):
         rewards.build_scorer("jpeg_compressibility", differentiable=True)
@@ -54,7 +62,9 @@ def test_analytic_rewards_prefer_the_matching_prompt():
     from workbench.toy import world
 
     names = [n for n in rewards.SCORERS.names() if n.startswith("toy/")]
-    fidelity = [n for n in names if n in ("toy/colour", "toy/shape", "toy/size", "toy/background", "toy/fidelity")]
+    fidelity = [
+        n for n in names if n in ("toy/colour", "toy/shape", "toy/size", "toy/background", "toy/fidelity")
+    ]
     assert fidelity
     scene = world.sample_scene(0, "a large red circle on a white background", centred=True)
     x = torch.from_numpy(world.to_array([world.render_scene(scene, 32)]))

@@ -28,8 +28,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="*", help="image files, folders of images, or one manifest .jsonl")
     parser.add_argument("--manifest", help="JSONL manifest with at least 'path' and 'prompt' per line")
-    parser.add_argument("--prompt", action="append", default=[], help="prompt for all images, or repeat: one each")
-    parser.add_argument("--prompts-file", help="text file, one prompt per line, matched to the images in order")
+    parser.add_argument(
+        "--prompt", action="append", default=[], help="prompt for all images, or repeat: one each"
+    )
+    parser.add_argument(
+        "--prompts-file", help="text file, one prompt per line, matched to the images in order"
+    )
     parser.add_argument(
         "--scorer",
         action="append",
@@ -43,7 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="device for scorers that take one (unless the scorer spec sets it)")
     parser.add_argument("--batch-size", type=int, default=16, help="images decoded and scored per batch")
     parser.add_argument("--show", type=int, default=40, help="rows printed in the table (all go to the JSON)")
-    parser.add_argument("-o", "--out", help="JSON output path (default: scores.json beside the manifest, or ./)")
+    parser.add_argument(
+        "-o", "--out", help="JSON output path (default: scores.json beside the manifest, or ./)"
+    )
 
 
 def parse_scorer_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -53,7 +59,9 @@ def parse_scorer_spec(spec: str) -> tuple[str, dict[str, Any]]:
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
-            raise ValueError(f"--scorer {spec!r}: option {item!r} is not key=value; write NAME:key=value,key=value")
+            raise ValueError(
+                f"--scorer {spec!r}: option {item!r} is not key=value; write NAME:key=value,key=value"
+            )
         options[key.strip()] = _parse_value(value.strip())
     if not name:
         raise ValueError(f"--scorer {spec!r}: missing scorer name; see `workbench ls scorers`")
@@ -94,12 +102,16 @@ def collect_items(args: argparse.Namespace) -> tuple[list[dict[str, Any]], Path 
         else:
             raise ValueError(f"input {item!r} does not exist; pass image files, folders or a manifest .jsonl")
     if not paths:
-        raise ValueError("no images given: pass image files or folders, or a manifest (--manifest FILE.jsonl)")
+        raise ValueError(
+            "no images given: pass image files or folders, or a manifest (--manifest FILE.jsonl)"
+        )
     prompts = list(args.prompt)
     if args.prompts_file:
         if prompts:
             raise ValueError("give --prompt or --prompts-file, not both")
-        prompts = [line.rstrip("\n") for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines()]
+        prompts = [
+            line.rstrip("\n") for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+        ]
     if len(prompts) == 1:
         prompts = prompts * len(paths)
     if len(prompts) != len(paths):
@@ -120,7 +132,9 @@ def _read_manifest(path: Path) -> list[dict[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not JSON ({e.msg}); each line must be an object with path and prompt") from e
+            raise ValueError(
+                f"{path}:{n}: not JSON ({e.msg}); each line must be an object with path and prompt"
+            ) from e
         if not isinstance(row, dict) or "path" not in row or "prompt" not in row:
             raise ValueError(f"{path}:{n}: each line needs 'path' and 'prompt' keys")
         p = Path(row["path"])
@@ -147,7 +161,9 @@ def main(args: argparse.Namespace) -> int:
     from rewards import EnsembleScorer, build_scorer, scorer_options
 
     if not args.scorer:
-        raise ValueError("--scorer: name at least one scorer (see `workbench ls scorers`), e.g. --scorer clipscore")
+        raise ValueError(
+            "--scorer: name at least one scorer (see `workbench ls scorers`), e.g. --scorer clipscore"
+        )
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
     items, manifest = collect_items(args)
@@ -184,7 +200,10 @@ def main(args: argparse.Namespace) -> int:
                     scores[label] += scorer(x, prompts).float().cpu().tolist()
             kept += [row for row, _ in group]
     if skipped:
-        print(f"skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]['path']}: {skipped[0]['error']}", file=sys.stderr)
+        print(
+            f"skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]['path']}: {skipped[0]['error']}",
+            file=sys.stderr,
+        )
     if not kept:
         raise ValueError("no readable images; see the skipped list above")
 
@@ -201,7 +220,9 @@ def main(args: argparse.Namespace) -> int:
         by_ckpt: dict[str, dict[str, list[float]]] = {}
         for i, r in enumerate(kept):
             for label in columns:
-                by_ckpt.setdefault(str(r.get("checkpoint")), {}).setdefault(label, []).append(columns[label][i])
+                by_ckpt.setdefault(str(r.get("checkpoint")), {}).setdefault(label, []).append(
+                    columns[label][i]
+                )
         result["by_checkpoint"] = {c: {k: _stats(v) for k, v in d.items()} for c, d in by_ckpt.items()}
 
     _print_table(rows, list(columns), summary, result.get("by_checkpoint"), args.show)
@@ -239,4 +260,6 @@ def _print_table(rows, labels, summary, by_checkpoint, show: int) -> None:
     print(f"{'mean':40s}  {'(' + str(len(rows)) + ' images)':40s}  {mean}")
     for ckpt, stats in (by_checkpoint or {}).items():
         cells = "  ".join(f"{stats[lab]['mean']:>{w}.4f}" for lab, w in zip(labels, widths))
-        print(f"{'mean ' + _short(ckpt, 35):40s}  {'(' + str(stats[labels[0]]['n']) + ' images)':40s}  {cells}")
+        print(
+            f"{'mean ' + _short(ckpt, 35):40s}  {'(' + str(stats[labels[0]]['n']) + ' images)':40s}  {cells}"
+        )
