@@ -30,6 +30,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from samplers.generate import from_uint8, png_bytes, save_png
+from samplers.jobs import generate_images
+
 PairMode = Literal["best-worst", "all"]
 
 
@@ -129,9 +132,6 @@ def run_synth(
     """Generate, score and write every shard this process owns and that is not done yet."""
     import torch
 
-    from samplers.generate import from_uint8, png_bytes, save_png
-    from samplers.jobs import generate_images
-
     out = Path(plan.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _check_plan(out / "synth.json", plan, write=process_index == 0)
@@ -178,7 +178,7 @@ def run_synth(
             with torch.no_grad():
                 s = scorer(x, [plan.prompts[p] for p, _ in keys]).float().cpu().numpy()
             scores.update(zip(keys, s.tolist()))
-        n_pairs += _write_shard(out, tag, plan, shard_list, images, scores, png_bytes, save_png)
+        n_pairs += _write_shard(out, tag, plan, shard_list, images, scores)
         _atomic_write(
             out / "done" / f"shard-{tag}.json",
             json.dumps({"prompts": [shard.start, shard.stop], "seconds": round(time.perf_counter() - ts, 2)}),
@@ -196,12 +196,7 @@ def _write_shard(
     prompt_ids: list[int],
     images: dict[tuple[int, int], np.ndarray],
     scores: dict[tuple[int, int], float],
-    png_bytes: Callable[[np.ndarray], bytes],
-    save_png: Callable[..., Path],
 ) -> int:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     rows: dict[str, list[Any]] = {
         c: []
         for c in (
@@ -259,15 +254,26 @@ def _write_shard(
             rows["checkpoint_1"].append(plan.checkpoints[second % n_ckpt].name)
             rows["prompt_index"].append(p)
             rows["scorer"].append(plan.scorer)
-    table = pa.table(
-        {**rows, "jpg_0": pa.array(rows["jpg_0"], pa.binary()), "jpg_1": pa.array(rows["jpg_1"], pa.binary())}
-    )
-    path = out / "pairs" / f"shard-{tag}.parquet"
+    n_rows = write_pickapic_parquet(out / "pairs" / f"shard-{tag}.parquet", rows)
+    _atomic_write(out / "rankings" / f"shard-{tag}.jsonl", "".join(line + "\n" for line in rank_lines))
+    return n_rows
+
+
+def write_pickapic_parquet(path: Path, columns: dict[str, list[Any]]) -> int:
+    """Write pairs in the Pick-a-Pic v2 layout (``jpg_0``/``jpg_1`` encoded image bytes, ``label_0``/``label_1``,
+    ``caption``, any extra columns) atomically; returns the row count."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    missing = {"jpg_0", "jpg_1", "label_0", "label_1", "caption"} - set(columns)
+    if missing:
+        raise ValueError(f"Pick-a-Pic columns missing: {sorted(missing)}")
+    binary = {k: pa.array(columns[k], pa.binary()) for k in ("jpg_0", "jpg_1")}
+    table = pa.table({**columns, **binary})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(table, tmp)
     tmp.replace(path)
-    _atomic_write(out / "rankings" / f"shard-{tag}.jsonl", "".join(line + "\n" for line in rank_lines))
     return table.num_rows
 
 

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("workbench.commands.generate", "images from checkpoints with explicit seeds + a JSONL manifest"),
     "eval": ("workbench.commands.evaluate", "checkpoints x prompts x seeds -> scores, win rates vs base, report"),
     "synth": ("workbench.commands.synth", "K scored samples per prompt -> preference pairs (parquet) + rankings"),
+    "demo": ("workbench.commands.demo", "the main job end to end on CPU: toy pairs -> Diffusion-DPO -> eval"),
     "score": ("workbench.commands.score", "score images or a generate manifest with registered scorers: table + JSON"),
 }
 

@@ -18,7 +18,6 @@ import html
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -236,6 +235,7 @@ class EvalPlan:
 class EvalResult:
     out_dir: Path
     summary: dict[str, Any]
+    report: dict[str, Any]  # what report.json holds
     scores: dict[str, dict[str, np.ndarray]]
     image_paths: dict[str, list[Path]]
     json_path: Path
@@ -347,7 +347,7 @@ def run_eval(
             lines.append(json.dumps(row))
     _write_text(out / "scores.jsonl", "\n".join(lines) + "\n")
     html_path = write_html(out / "report.html", report, plan, paths, scores)
-    return EvalResult(out, summary, scores, paths, json_path, html_path, grid_path)
+    return EvalResult(out, summary, report, scores, paths, json_path, html_path, grid_path)
 
 
 def _json_default(x: Any) -> Any:
@@ -473,6 +473,7 @@ def write_html(
     plan: EvalPlan,
     paths: dict[str, list[Path]],
     scores: dict[str, dict[str, np.ndarray]],
+    figures: dict[str, str] | None = None,
 ) -> Path:
     """A self-contained report (images referenced relatively): settings, tables, the grid, per-item images."""
     e = html.escape
@@ -518,6 +519,8 @@ def write_html(
         "<h2>Grid</h2><p>Rows: checkpoints (base on top); columns: the same (prompt, seed).</p>"
         "<img src='grid.png' style='max-width:100%'>"
     )
+    for title, rel in (figures or {}).items():
+        parts.append(f"<h2>{e(title)}</h2><img src='{e(rel)}' style='max-width:100%'>")
     parts.append(
         f"<h2>Items (first {min(plan.html_items, len(plan.items))} of {len(plan.items)})</h2>"
         "<table><tr><th>#</th><th>prompt</th><th>seed</th>"
@@ -535,9 +538,3 @@ def write_html(
     parts.append("</table>")
     _write_text(path, "\n".join(parts))
     return path
-
-
-def copy_into(src: Path, dst_dir: Path) -> Path:
-    """Copy a file into ``dst_dir`` (used to place extra figures beside the report)."""
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    return Path(shutil.copy2(src, dst_dir / src.name))
