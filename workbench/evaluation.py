@@ -270,10 +270,11 @@ def run_eval(
     for s in scorers.values():
         if isinstance(s, torch.nn.Module):
             s.to(plan.device).eval()
-    if load is None:
 
-        def load(ckpt: Any) -> Any:
-            return load_pipeline_for(plan.base, ckpt, device=plan.device, dtype=DTYPES[plan.dtype])
+    def load_default(ckpt: Any) -> Any:
+        return load_pipeline_for(plan.base, ckpt, device=plan.device, dtype=DTYPES[plan.dtype])
+
+    loader = load or load_default
 
     out = Path(plan.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -290,7 +291,7 @@ def run_eval(
         ckpt_paths = [out / "images" / _slug(ckpt.name) / f"{i:05d}.png" for i in range(len(items))]
         mid = model_id(plan.base, ckpt, dtype=plan.dtype, device=plan.device)
         batches = generate_images(
-            lambda c=ckpt: load(c),
+            lambda c=ckpt: loader(c),
             prompts,
             seeds,
             plan.sampling,
@@ -444,6 +445,8 @@ def write_grid(
     height = pad + len(names) * (cell + text_h + pad) + text_h
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
+    if first is not None:
+        draw.text((2, 1), f"score: {first}", fill="black", font=font)
     for j, i in enumerate(cols):
         draw.text(
             (label_w + j * (cell + pad) + pad, 1), f"#{i} seed {plan.items[i][1]}", fill="black", font=font
@@ -459,7 +462,7 @@ def write_grid(
             if first is not None:
                 draw.text(
                     (x, y + cell + 1),
-                    f"{first} {scores[name][first][i]:.3f}"[-cell // 6 :],
+                    f"{scores[name][first][i]:.3f}",
                     fill="black",
                     font=font,
                 )
