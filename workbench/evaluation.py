@@ -44,6 +44,8 @@ class Interval:
         return self.low <= value <= self.high
 
     def fmt(self, digits: int = 3) -> str:
+        if math.isnan(self.estimate):
+            return "n/a"  # e.g. a win rate when every item ties
         return f"{self.estimate:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
 
 
