@@ -84,6 +84,9 @@ def test_every_sampler_generates_and_leaves_the_pipeline_alone(pipe, name: str) 
 
 
 def test_unknown_sampler_lists_the_known_ones() -> None:
+    from workbench.commands.generate import SAMPLER_NAMES
+
+    assert sorted(SAMPLER_NAMES) == SAMPLERS.names()  # the CLI's literal choices mirror the registry
     with pytest.raises(KeyError, match="dpmpp_2m"):
         SamplingConfig(sampler="heun")
 
