@@ -63,11 +63,6 @@ def mean_interval(x: Sequence[float] | np.ndarray, level: float = LEVEL) -> Inte
     return Interval(m, m - half, m + half, level)
 
 
-def bootstrap_indices(n: int, n_boot: int = N_BOOTSTRAP, seed: int = 0) -> np.ndarray:
-    """``[n_boot, n]`` item indices drawn with replacement (one row per bootstrap replicate)."""
-    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-
-
 def paired_bootstrap(
     statistic: Callable[[np.ndarray], np.ndarray],
     values: np.ndarray,
@@ -84,9 +79,11 @@ def paired_bootstrap(
     if n == 0:
         raise ValueError("cannot bootstrap zero items")
     estimate = float(statistic(v[None])[0])
-    idx = bootstrap_indices(n, n_boot, seed)
-    chunk = max(1, 2_000_000 // n)
-    reps = np.concatenate([statistic(v[idx[i : i + chunk]]) for i in range(0, n_boot, chunk)])
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 2_000_000 // n)  # replicates per chunk: bounds the [chunk, n] index array to ~16 MB
+    reps = np.concatenate(
+        [statistic(v[rng.integers(0, n, size=(min(chunk, n_boot - i), n))]) for i in range(0, n_boot, chunk)]
+    )
     reps = reps[np.isfinite(reps)]
     if reps.size == 0:
         return Interval(estimate, float("nan"), float("nan"), level)
