@@ -78,7 +78,9 @@ def _baseline_step(trainer, records, indices, gen) -> float:
     noise = torch.randn(latents[:b].shape, generator=gen).repeat(2, 1, 1, 1)
     t = torch.randint(0, 1000, (b,), generator=gen).repeat(2)
     x_t = trainer.noise_scheduler.add_noise(latents, noise, t)
-    time_ids = torch.tensor([[g[1].original_size[0], g[1].original_size[1], *g[1].crop_top_left, res, res] for g in groups]).float()
+    time_ids = torch.tensor(
+        [[g[1].original_size[0], g[1].original_size[1], *g[1].crop_top_left, res, res] for g in groups]
+    ).float()
     cond = {
         "encoder_hidden_states": embeds.repeat(2, 1, 1),
         "added_cond_kwargs": {"text_embeds": pooled.repeat(2, 1), "time_ids": time_ids.repeat(2, 1)},
@@ -133,7 +135,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=4, help="pairs per step")
     p.add_argument("--resolution", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=2, help="alternate the variants this many times; keep the best")
+    p.add_argument(
+        "--rounds", type=int, default=2, help="alternate the variants this many times; keep the best"
+    )
     p.add_argument("--child", choices=["workbench", "baseline"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -141,11 +145,28 @@ def main() -> None:
         return
     results: dict[str, dict] = {}
     for mode in ("baseline", "workbench") * args.rounds:  # alternating, so a busy machine hurts both alike
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", mode, "--steps", str(args.steps), "--batch", str(args.batch),
-             "--resolution", str(args.resolution)],
-            capture_output=True, text=True, check=True, cwd=ROOT,
-        ).stdout.strip().splitlines()[-1]
+        out = (
+            subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    mode,
+                    "--steps",
+                    str(args.steps),
+                    "--batch",
+                    str(args.batch),
+                    "--resolution",
+                    str(args.resolution),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=ROOT,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         r = json.loads(out)
         if mode not in results or r["median_step_s"] < results[mode]["median_step_s"]:
             results[mode] = r

@@ -56,7 +56,9 @@ def test_unknown_objective_lists_the_known_ones(tmp_path: Path):
 
 
 def test_overrides_and_scientific_notation(tmp_path: Path):
-    cfg = load_config(_write(tmp_path, BASE + "optimizer: {name: adamw, lr: 5e-4}\n"), ["objective.beta=2000"])
+    cfg = load_config(
+        _write(tmp_path, BASE + "optimizer: {name: adamw, lr: 5e-4}\n"), ["objective.beta=2000"]
+    )
     assert cfg.optimizer.lr == pytest.approx(5e-4)
     assert cfg.objective.beta == 2000
 

@@ -60,10 +60,16 @@ def test_pair_jsonl_and_ranking_jsonl(tmp_path: Path):
     assert len(records) == 1 and records[0].images[0].endswith("b.png")
     assert report.ties_dropped == 1
     assert [r for r, _ in report.skipped] == ["pairs.jsonl:3", "pairs.jsonl:4"]
-    (tmp_path / "rank.jsonl").write_text(json.dumps({"prompt": "p", "images": ["c.png", "a.png", "b.png"]}) + "\n")
-    ranked, _ = read_records([{"format": "ranking_jsonl", "path": str(tmp_path / "rank.jsonl")}], pairwise=False)
+    (tmp_path / "rank.jsonl").write_text(
+        json.dumps({"prompt": "p", "images": ["c.png", "a.png", "b.png"]}) + "\n"
+    )
+    ranked, _ = read_records(
+        [{"format": "ranking_jsonl", "path": str(tmp_path / "rank.jsonl")}], pairwise=False
+    )
     assert ranked[0].k == 3
-    pairs, _ = read_records([{"format": "ranking_jsonl", "path": str(tmp_path / "rank.jsonl")}], pairwise=True)
+    pairs, _ = read_records(
+        [{"format": "ranking_jsonl", "path": str(tmp_path / "rank.jsonl")}], pairwise=True
+    )
     assert [Path(p).name for p in pairs[0].images] == ["c.png", "b.png"]  # best vs worst
 
 
@@ -104,7 +110,9 @@ def test_too_many_bad_rows_stop_with_an_error(tiny_fixtures: dict[str, Path], tm
         _cache(tiny_fixtures, cfg).build(records, report, show_progress=False)
 
 
-def test_cache_is_reused_and_invalidated_when_the_model_changes(tiny_fixtures: dict[str, Path], tmp_path: Path):
+def test_cache_is_reused_and_invalidated_when_the_model_changes(
+    tiny_fixtures: dict[str, Path], tmp_path: Path
+):
     path = write_tiny_pickapic(tmp_path / "p.parquet", n=6)
     cfg = _data_cfg(path, tmp_path / "cache")
     records, report = read_records(cfg.sources)

@@ -43,7 +43,10 @@ def test_hand_derived_value():
 def test_batch_loss_is_mean_of_pair_losses():
     policy, ref, target = _group(b=5)
     batch_loss, _ = diffusion_dpo_loss(policy, ref, target, beta=3.0)
-    per_pair = [diffusion_dpo_loss(policy[i : i + 1], ref[i : i + 1], target[i : i + 1], beta=3.0)[0] for i in range(5)]
+    per_pair = [
+        diffusion_dpo_loss(policy[i : i + 1], ref[i : i + 1], target[i : i + 1], beta=3.0)[0]
+        for i in range(5)
+    ]
     assert batch_loss.item() == pytest.approx(torch.stack(per_pair).mean().item(), rel=1e-6)
 
 
@@ -83,7 +86,9 @@ def test_pair_weight_scales_beta():
 
 def test_bad_layout_is_refused():
     with pytest.raises(ValueError, match="B, K>=2"):
-        diffusion_dpo_loss(torch.zeros(2, 4, 8, 8), torch.zeros(2, 4, 8, 8), torch.zeros(2, 4, 8, 8), beta=1.0)
+        diffusion_dpo_loss(
+            torch.zeros(2, 4, 8, 8), torch.zeros(2, 4, 8, 8), torch.zeros(2, 4, 8, 8), beta=1.0
+        )
 
 
 def test_sft_uses_only_the_preferred_column():

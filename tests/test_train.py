@@ -42,7 +42,11 @@ def _run(config: str, *overrides: str) -> Trainer:
 def _images(pipe, prompt: str = "a red square") -> np.ndarray:
     pipe.set_progress_bar_config(disable=True)
     return pipe(
-        prompt, num_inference_steps=4, height=32, width=32, output_type="np",
+        prompt,
+        num_inference_steps=4,
+        height=32,
+        width=32,
+        output_type="np",
         generator=torch.Generator().manual_seed(0),
     ).images
 
@@ -56,7 +60,9 @@ def test_sdxl_lora_dpo_end_to_end(workdir: Path):
     run_dir = trainer.train()
 
     changed_lora = [n for n, p in unet.named_parameters() if "lora_" in n and not torch.equal(p, before[n])]
-    changed_base = [n for n, p in unet.named_parameters() if "lora_" not in n and not torch.equal(p, before[n])]
+    changed_base = [
+        n for n, p in unet.named_parameters() if "lora_" not in n and not torch.equal(p, before[n])
+    ]
     assert changed_lora, "LoRA parameters did not change"
     assert not changed_base, f"base parameters changed: {changed_base[:3]}"
 
@@ -147,3 +153,33 @@ def test_sigkill_then_resume_matches_uninterrupted_run(workdir: Path):
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst < 1e-6, f"resumed weights differ from the uninterrupted run by {worst}"
+
+
+def test_nonfinite_losses_skip_steps_then_stop_keeping_the_last_checkpoint(workdir: Path):
+    from trainers.base import Objective
+    from workbench.train import TrainingError
+
+    trainer = _run(
+        "configs/tiny/sdxl_dpo_lora.yaml",
+        "run.name=nan_run",
+        "train.checkpoint_every=2",
+        "train.max_nonfinite_steps=3",
+        "validation.prompts=[]",
+        "logging.tensorboard=false",
+    )
+    real = trainer.objective.loss_fn
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        loss, metrics = real(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] > 4 else loss), metrics
+
+    trainer.objective = Objective(loss_fn=flaky, config_cls=trainer.objective.config_cls)
+    with pytest.raises(TrainingError, match="3 non-finite losses in a row at step 4"):
+        trainer.train()
+    assert trainer.counters.nonfinite_total == 3
+    ckpts = sorted(p.name for p in (workdir / "runs" / "nan_run" / "checkpoints").iterdir())
+    assert ckpts == ["step_000002", "step_000004"]  # the good steps before the losses went non-finite
+    assert (workdir / "runs" / "nan_run" / "checkpoints" / "step_000004" / "COMPLETE").is_file()
+    assert not (workdir / "runs" / "nan_run" / "final").exists()

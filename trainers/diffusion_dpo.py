@@ -43,7 +43,9 @@ class DiffusionDPOConfig(BaseModel):
         "paper_sum (summed squared error: x2*C*H*W).",
     )
     sft_weight: float = Field(
-        0.0, ge=0, description="Optional winner-MSE regulariser (MaPO/SDPO-style guard against both errors rising)."
+        0.0,
+        ge=0,
+        description="Optional winner-MSE regulariser (MaPO/SDPO-style guard against both errors rising).",
     )
 
 
@@ -80,7 +82,9 @@ def diffusion_dpo_loss(
     model_diff = err[:, 0] - err[:, 1]  # [B]
     ref_diff = ref_err[:, 0] - ref_err[:, 1]  # [B]
     scale = beta if pair_weight is None else beta * pair_weight.float()
-    inside = -0.5 * scale * (model_diff - ref_diff)  # [B]; > 0 when the policy prefers the winner more than ref
+    inside = (
+        -0.5 * scale * (model_diff - ref_diff)
+    )  # [B]; > 0 when the policy prefers the winner more than ref
     loss = -F.logsigmoid(inside).mean()
     if sft_weight:
         loss = loss + sft_weight * err[:, 0].mean()

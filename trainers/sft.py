@@ -28,4 +28,6 @@ def sft_loss(
     return loss, {"mse/policy_w": loss.detach()}
 
 
-OBJECTIVES.register("sft")(Objective(loss_fn=sft_loss, config_cls=SFTConfig, needs_reference=False, min_images_per_group=1))
+OBJECTIVES.register("sft")(
+    Objective(loss_fn=sft_loss, config_cls=SFTConfig, needs_reference=False, min_images_per_group=1)
+)

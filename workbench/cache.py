@@ -90,7 +90,9 @@ class PreferenceCache:
         self._text: dict[str, dict[str, torch.Tensor]] = {}
 
     # ---------------------------------------------------------------------------------------------- building
-    def build(self, records: list[PreferenceRecord], report: ReadReport, *, show_progress: bool = True) -> None:
+    def build(
+        self, records: list[PreferenceRecord], report: ReadReport, *, show_progress: bool = True
+    ) -> None:
         from tqdm.auto import tqdm
 
         self.latent_dir.mkdir(parents=True, exist_ok=True)
@@ -111,7 +113,9 @@ class PreferenceCache:
         rng = np.random.default_rng(0)
         failed: set[str] = set()
         batch: list[tuple[PreferenceRecord, Path, torch.Tensor, tuple[int, ...]]] = []
-        bar = tqdm(total=len(todo), desc="caching VAE latents", disable=not show_progress or not todo, unit="group")
+        bar = tqdm(
+            total=len(todo), desc="caching VAE latents", disable=not show_progress or not todo, unit="group"
+        )
         for rec, path in todo:
             try:
                 images = [load_image(s) for s in rec.images]

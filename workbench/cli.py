@@ -12,22 +12,44 @@ import sys
 
 #: subcommand -> (module, one-line help). Explicit, no discovery.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("workbench.commands.train", "fine-tune a model from a YAML config: train CONFIG [key=value ...]"),
+    "train": (
+        "workbench.commands.train",
+        "fine-tune a model from a YAML config: train CONFIG [key=value ...]",
+    ),
     "validate": ("workbench.commands.validate", "check a YAML config (and overrides) without running it"),
     "ls": ("workbench.commands.ls", "list registered objectives, scorers and samplers"),
-    "toy": ("workbench.commands.toy", "toy world: pretrain its pipeline, render images and pairs, measure adherence"),
-    "tiny": ("workbench.commands.tiny", "write tiny SDXL/SD1.5 test pipelines and data (configs/tiny use them)"),
-    "generate": ("workbench.commands.generate", "images from checkpoints with explicit seeds + a JSONL manifest"),
-    "eval": ("workbench.commands.evaluate", "checkpoints x prompts x seeds -> scores, win rates vs base, report"),
-    "synth": ("workbench.commands.synth", "K scored samples per prompt -> preference pairs (parquet) + rankings"),
+    "toy": (
+        "workbench.commands.toy",
+        "toy world: pretrain its pipeline, render images and pairs, measure adherence",
+    ),
+    "tiny": (
+        "workbench.commands.tiny",
+        "write tiny SDXL/SD1.5 test pipelines and data (configs/tiny use them)",
+    ),
+    "generate": (
+        "workbench.commands.generate",
+        "images from checkpoints with explicit seeds + a JSONL manifest",
+    ),
+    "eval": (
+        "workbench.commands.evaluate",
+        "checkpoints x prompts x seeds -> scores, win rates vs base, report",
+    ),
+    "synth": (
+        "workbench.commands.synth",
+        "K scored samples per prompt -> preference pairs (parquet) + rankings",
+    ),
     "demo": ("workbench.commands.demo", "the main job end to end on CPU: toy pairs -> Diffusion-DPO -> eval"),
-    "score": ("workbench.commands.score", "score images or a generate manifest with registered scorers: table + JSON"),
+    "score": (
+        "workbench.commands.score",
+        "score images or a generate manifest with registered scorers: table + JSON",
+    ),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="workbench", description="Diffusion alignment workbench: preference fine-tuning, scoring, evaluation."
+        prog="workbench",
+        description="Diffusion alignment workbench: preference fine-tuning, scoring, evaluation.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():

@@ -25,7 +25,9 @@ class RunSection(_Strict):
     output_dir: str = Field("runs", description="Parent folder of run directories.")
     name: str = Field("run", description="Run directory name under output_dir.")
     seed: int = Field(0, description="Global seed: noise, timesteps, data order, LoRA init.")
-    deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (CPU exact-resume tests).")
+    deterministic: bool = Field(
+        False, description="torch.use_deterministic_algorithms (CPU exact-resume tests)."
+    )
 
 
 class LoraSection(_Strict):
@@ -37,7 +39,8 @@ class LoraSection(_Strict):
         description="UNet module names (peft target_modules). The diffusers DPO example uses attention only.",
     )
     init: Literal["gaussian", "default"] = Field(
-        "gaussian", description="peft init_lora_weights: both zero-initialise B, so the LoRA starts as identity."
+        "gaussian",
+        description="peft init_lora_weights: both zero-initialise B, so the LoRA starts as identity.",
     )
 
 
@@ -47,9 +50,12 @@ class ModelSection(_Strict):
     )
     family: Literal["auto", "sdxl", "sd15"] = Field("auto", description="sd15 also covers SD2.x.")
     single_file_config: str | None = Field(
-        None, description="For single files: a diffusers folder or hub id whose configs describe the checkpoint."
+        None,
+        description="For single files: a diffusers folder or hub id whose configs describe the checkpoint.",
     )
-    vae: str | None = Field(None, description="Separate VAE (e.g. madebyollin/sdxl-vae-fp16-fix): folder or id.")
+    vae: str | None = Field(
+        None, description="Separate VAE (e.g. madebyollin/sdxl-vae-fp16-fix): folder or id."
+    )
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
         "auto", description="auto = the scheduler config's prediction_type."
     )
@@ -74,7 +80,9 @@ class DataSource(_Strict):
 
 class CacheSection(_Strict):
     enabled: bool = True
-    dir: str = Field(".cache/workbench", description="VAE latents + text embeddings, keyed by content and model.")
+    dir: str = Field(
+        ".cache/workbench", description="VAE latents + text embeddings, keyed by content and model."
+    )
 
 
 class DataSection(_Strict):
@@ -83,7 +91,9 @@ class DataSection(_Strict):
     crop: Literal["center", "random"] = "center"
     hflip: bool = Field(False, description="Flip both images of a group together (one draw per group).")
     proportion_empty_prompts: float = Field(0.2, ge=0, le=1, description="Salesforce train.py default 0.2.")
-    drop_ties: bool = Field(True, description="Drop Pick-a-Pic ties (label_0 == 0.5), as the official code does.")
+    drop_ties: bool = Field(
+        True, description="Drop Pick-a-Pic ties (label_0 == 0.5), as the official code does."
+    )
     max_bad_fraction: float = Field(
         0.01, ge=0, le=1, description="Stop with an error when more than this fraction of rows is unreadable."
     )
@@ -117,7 +127,7 @@ class Adafactor(_Strict):
     clip_threshold: float = 1.0
 
 
-Optimizer = Annotated[Union[AdamW, AdamW8bit, Adafactor], Field(discriminator="name")]
+Optimizer = Annotated[AdamW | AdamW8bit | Adafactor, Field(discriminator="name")]
 
 
 class Constant(_Strict):
@@ -135,7 +145,7 @@ class Cosine(_Strict):
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
 
 
-Scheduler = Annotated[Union[Constant, ConstantWithWarmup, Cosine], Field(discriminator="name")]
+Scheduler = Annotated[Constant | ConstantWithWarmup | Cosine, Field(discriminator="name")]
 
 
 class ForwardNoising(_Strict):
@@ -153,10 +163,11 @@ class ForwardNoising(_Strict):
         return self
 
 
-Noising = Annotated[Union[ForwardNoising], Field(discriminator="name")]
+Noising = Annotated[ForwardNoising, Field(discriminator="name")]
 
+# Built from the registry, so a new objective needs only its module and one import in trainers/__init__.py.
 ObjectiveConfig = Annotated[
-    Union[tuple(obj.config_cls for _, obj in OBJECTIVES.items())],  # type: ignore[misc]
+    Union[tuple(obj.config_cls for _, obj in OBJECTIVES.items())],  # type: ignore[misc]  # noqa: UP007
     Field(discriminator="name"),
 ]
 
@@ -167,12 +178,15 @@ class TrainSection(_Strict):
     batch_size: int = Field(1, ge=1, description="Groups (pairs) per device per micro-step.")
     gradient_accumulation_steps: int = Field(1, ge=1)
     scale_lr: bool = Field(
-        False, description="lr *= grad_accum * batch_size * num_processes (the official launchers' --scale_lr)."
+        False,
+        description="lr *= grad_accum * batch_size * num_processes (the official launchers' --scale_lr).",
     )
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     max_grad_norm: float | None = Field(1.0, gt=0, description="None disables clipping.")
-    attention: Literal["sdpa", "xformers"] = Field("sdpa", description="xformers when installed and configured.")
+    attention: Literal["sdpa", "xformers"] = Field(
+        "sdpa", description="xformers when installed and configured."
+    )
     checkpoint_every: int = Field(500, ge=1)
     keep_last: int = Field(3, ge=1, description="Checkpoints kept; older ones are deleted.")
     resume: str | None = Field(None, description="'latest' or a checkpoint directory.")
@@ -187,7 +201,9 @@ class ValidationSection(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0, 1])
     num_inference_steps: int = Field(20, ge=1)
     guidance_scale: float = Field(5.0, ge=0)
-    scorers: list[str] = Field(default_factory=list, description="Registered scorer names logged as reward/<name>.")
+    scorers: list[str] = Field(
+        default_factory=list, description="Registered scorer names logged as reward/<name>."
+    )
     scorer_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
@@ -253,7 +269,9 @@ def _resolve(annotation: Any, node: Any) -> Any:
 def format_validation_error(err: ValidationError, data: Any) -> str:
     lines = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in {"function-after", "tagged-union"}))
+        loc = tuple(
+            p for p in e["loc"] if not (isinstance(p, str) and p in {"function-after", "tagged-union"})
+        )
         # pydantic puts the union tag in the location (e.g. objective.diffusion_dpo.beta); drop it for readability.
         clean: list[Any] = []
         for i, p in enumerate(loc):
@@ -265,13 +283,15 @@ def format_validation_error(err: ValidationError, data: Any) -> str:
         if e["type"] == "extra_forbidden":
             allowed = _allowed_fields(tuple(clean[:-1]), data) or []
             hint = difflib.get_close_matches(str(clean[-1]), allowed, n=1)
-            did = f" Did you mean {'.'.join(map(str, clean[:-1] + [hint[0]]))!r}?" if hint else ""
+            did = f" Did you mean {'.'.join(map(str, [*clean[:-1], hint[0]]))!r}?" if hint else ""
             lines.append(f"{path}: unknown key.{did} Allowed keys here: {', '.join(allowed)}.")
         elif e["type"] == "missing":
             lines.append(f"{path}: required field is missing.")
         elif e["type"] == "union_tag_invalid":
             ctx = e.get("ctx", {})
-            lines.append(f"{path}.name: {ctx.get('tag')!r} is not known; allowed: {ctx.get('expected_tags')}.")
+            lines.append(
+                f"{path}.name: {ctx.get('tag')!r} is not known; allowed: {ctx.get('expected_tags')}."
+            )
         elif e["type"] == "union_tag_not_found":
             lines.append(f"{path}: needs a 'name' key choosing the variant.")
         else:

@@ -77,7 +77,9 @@ def _parquet_files(path: Path) -> list[Path]:
     return [path]
 
 
-def read_pickapic_parquet(path: str | Path, report: ReadReport, *, drop_ties: bool = True) -> Iterator[PreferenceRecord]:
+def read_pickapic_parquet(
+    path: str | Path, report: ReadReport, *, drop_ties: bool = True
+) -> Iterator[PreferenceRecord]:
     import pyarrow.parquet as pq
 
     for file in _parquet_files(Path(path)):
@@ -141,7 +143,9 @@ def _resolve(base: Path, p: Any) -> str:
     return str(q if q.is_absolute() else base / q)
 
 
-def read_pair_jsonl(path: str | Path, report: ReadReport, *, drop_ties: bool = True) -> Iterator[PreferenceRecord]:
+def read_pair_jsonl(
+    path: str | Path, report: ReadReport, *, drop_ties: bool = True
+) -> Iterator[PreferenceRecord]:
     path = Path(path)
     for rid, obj in _read_jsonl(path, report):
         try:

@@ -40,7 +40,9 @@ def detect_family(source: str) -> str:
     if path.is_dir():
         index = path / "model_index.json"
         if not index.is_file():
-            raise ModelLoadError(f"{path} is a folder but has no model_index.json: not a diffusers pipeline folder")
+            raise ModelLoadError(
+                f"{path} is a folder but has no model_index.json: not a diffusers pipeline folder"
+            )
         cls = json.loads(index.read_text()).get("_class_name", "")
         if "XL" in cls:
             return "sdxl"
@@ -54,7 +56,9 @@ def detect_family(source: str) -> str:
             with safe_open(str(path), framework="pt") as f:
                 keys = list(f.keys())
         else:
-            raise ModelLoadError(f"{path}: cannot detect the family of a non-safetensors file; set model.family")
+            raise ModelLoadError(
+                f"{path}: cannot detect the family of a non-safetensors file; set model.family"
+            )
         if any(k.startswith("conditioner.embedders.1") for k in keys):
             return "sdxl"
         if any(k.startswith("model.diffusion_model.") for k in keys):
@@ -81,7 +85,9 @@ def load_pipeline(
     path = Path(source)
     looks_local = path.exists() or source.startswith((".", "/", "~")) or path.suffix in SINGLE_FILE_SUFFIXES
     if looks_local and not path.exists():
-        raise ModelLoadError(f"model.source: {source} does not exist; give a diffusers folder, a hub id or a file")
+        raise ModelLoadError(
+            f"model.source: {source} does not exist; give a diffusers folder, a hub id or a file"
+        )
     fam = family if family not in (None, "auto") else detect_family(source)
     cls = _pipeline_class(fam)
     kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
@@ -94,7 +100,7 @@ def load_pipeline(
             pipe = cls.from_single_file(str(path), **kwargs)
         else:
             pipe = cls.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         hint = (
             " (no network: download the model on a connected machine and point model.source at the folder)"
             if not looks_local
@@ -121,7 +127,7 @@ def fingerprint(module: torch.nn.Module, extra: str = "") -> str:
     for name, p in sorted(module.state_dict().items()):
         h.update(name.encode())
         flat = p.detach().float().flatten()
-        h.update(torch.stack([flat.sum(), flat.abs().sum(), flat[: 64].sum()]).double().numpy().tobytes())
+        h.update(torch.stack([flat.sum(), flat.abs().sum(), flat[:64].sum()]).double().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -137,7 +143,9 @@ class Components:
     prediction_type: str
 
 
-def add_lora(unet: torch.nn.Module, rank: int, alpha: float, target_modules: list[str], dropout: float, init: str) -> None:
+def add_lora(
+    unet: torch.nn.Module, rank: int, alpha: float, target_modules: list[str], dropout: float, init: str
+) -> None:
     """Attach a peft LoRA adapter named 'default' to the UNet (diffusers' PeftAdapterMixin.add_adapter)."""
     from peft import LoraConfig
 
@@ -179,7 +187,9 @@ def save_lora(unet: torch.nn.Module, directory: Path, family: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     peft_config = unet.peft_config["default"]  # type: ignore[index]
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
-    peft_state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in peft_lora_state_dict(unet).items()}
+    peft_state = {
+        k: v.detach().to("cpu", torch.float32).contiguous() for k, v in peft_lora_state_dict(unet).items()
+    }
     _pipeline_class(family).save_lora_weights(
         str(directory),
         unet_lora_layers=state,
@@ -223,7 +233,9 @@ def setup_training_components(model_cfg: Any, device: str | torch.device = "cpu"
             enc.to(dtype=DTYPES[model_cfg.text_encoder_dtype]).requires_grad_(False)
     unet = pipe.unet
     prediction_type = (
-        pipe.scheduler.config.prediction_type if model_cfg.prediction_type == "auto" else model_cfg.prediction_type
+        pipe.scheduler.config.prediction_type
+        if model_cfg.prediction_type == "auto"
+        else model_cfg.prediction_type
     )
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ModelLoadError(f"prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)")
@@ -235,9 +247,13 @@ def setup_training_components(model_cfg: Any, device: str | torch.device = "cpu"
     else:
         import copy
 
-        reference = copy.deepcopy(unet).to(dtype=DTYPES[model_cfg.reference_dtype]).requires_grad_(False).eval()
+        reference = (
+            copy.deepcopy(unet).to(dtype=DTYPES[model_cfg.reference_dtype]).requires_grad_(False).eval()
+        )
         unet.requires_grad_(True)
-    return Components(family=family, pipe=pipe, unet=unet, reference=reference, prediction_type=prediction_type)
+    return Components(
+        family=family, pipe=pipe, unet=unet, reference=reference, prediction_type=prediction_type
+    )
 
 
 # ------------------------------------------------------------------------------------------- applying checkpoints

@@ -42,21 +42,43 @@ def environment_info() -> dict[str, Any]:
     import importlib.metadata as md
 
     versions = {}
-    for pkg in ("torch", "diffusers", "transformers", "accelerate", "peft", "safetensors", "pydantic", "open_clip_torch"):
+    for pkg in (
+        "torch",
+        "diffusers",
+        "transformers",
+        "accelerate",
+        "peft",
+        "safetensors",
+        "pydantic",
+        "open_clip_torch",
+    ):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             versions[pkg] = None
     try:
         rev = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False, cwd=Path(__file__).parent
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=Path(__file__).parent,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain"], capture_output=True, text=True, check=False, cwd=Path(__file__).parent
+            ["git", "status", "--porcelain"],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=Path(__file__).parent,
         ).stdout.strip()
     except OSError:
         rev, dirty = "", ""
-    return {"python": sys.version.split()[0], "packages": versions, "git_revision": rev or None, "git_dirty": bool(dirty)}
+    return {
+        "python": sys.version.split()[0],
+        "packages": versions,
+        "git_revision": rev or None,
+        "git_dirty": bool(dirty),
+    }
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -289,7 +311,9 @@ class Trainer:
         nz = cfg.noising
         t = torch.randint(nz.t_min, nz.t_max, (b,), generator=g)  # one timestep per group
         if nz.share_noise:
-            eps = torch.randn((b, 1, *x0.shape[2:]), generator=g).expand(-1, k, -1, -1, -1)  # shared by the group
+            eps = torch.randn((b, 1, *x0.shape[2:]), generator=g).expand(
+                -1, k, -1, -1, -1
+            )  # shared by the group
         else:
             eps = torch.randn(x0.shape, generator=g)
         eps = eps.to(device)
@@ -342,7 +366,9 @@ class Trainer:
         if ocfg.name == "diffusion_dpo":
             from trainers.diffusion_dpo import beta_from_convention
 
-            lat = self.cache.batch([0], torch.Generator().manual_seed(0), empty_prompt_prob=0, hflip=False).latents
+            lat = self.cache.batch(
+                [0], torch.Generator().manual_seed(0), empty_prompt_prob=0, hflip=False
+            ).latents
             beta = beta_from_convention(ocfg.beta, ocfg.beta_convention, int(lat[0, 0].numel()))
             return {"beta": beta, "sft_weight": ocfg.sft_weight}
         return {}
@@ -399,7 +425,9 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     nonfinite_in_row += 1
                     self.counters.nonfinite_total += 1
-                    print(f"[train] non-finite loss at step {self.counters.step}: step skipped", file=sys.stderr)
+                    print(
+                        f"[train] non-finite loss at step {self.counters.step}: step skipped", file=sys.stderr
+                    )
                     if nonfinite_in_row >= cfg.train.max_nonfinite_steps:
                         raise TrainingError(
                             f"{nonfinite_in_row} non-finite losses in a row at step {self.counters.step}; stopping. "
@@ -466,7 +494,9 @@ class Trainer:
         else:
             path = Path(resume)
             if not (path / COMPLETE).is_file():
-                raise TrainingError(f"train.resume: {path} is not a complete checkpoint (no {COMPLETE} marker)")
+                raise TrainingError(
+                    f"train.resume: {path} is not a complete checkpoint (no {COMPLETE} marker)"
+                )
         self.accelerator.load_state(str(path / "training_state"))
         print(f"[train] resumed from {path} at step {self.counters.step}", file=sys.stderr)
 

@@ -7,7 +7,9 @@ import importlib
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("kind", nargs="?", choices=["objectives", "scorers", "samplers"], help="only this kind")
+    parser.add_argument(
+        "kind", nargs="?", choices=["objectives", "scorers", "samplers"], help="only this kind"
+    )
 
 
 def _first_line(obj: object) -> str:

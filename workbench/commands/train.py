@@ -8,7 +8,9 @@ import sys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML run config (see configs/)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 optimizer.lr=1e-5")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 optimizer.lr=1e-5"
+    )
     parser.add_argument("--no-progress", action="store_true", help="disable progress bars")
 
 

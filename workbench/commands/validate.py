@@ -23,5 +23,7 @@ def main(args: argparse.Namespace) -> int:
     if args.print:
         print(resolved_yaml(cfg), end="")
     else:
-        print(f"{args.config}: ok (objective {cfg.objective.name}, {cfg.model.finetune}, {cfg.train.max_steps} steps)")
+        print(
+            f"{args.config}: ok (objective {cfg.objective.name}, {cfg.model.finetune}, {cfg.train.max_steps} steps)"
+        )
     return 0
