@@ -12,19 +12,13 @@ See ``docs/scorers.md`` for what each number means and where the weights come fr
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rewards import aesthetic, clip, ensemble, hps, jpeg, personal, pickscore
+from rewards import aesthetic, clip, ensemble, hps, jpeg, personal, pickscore, toy
 from rewards.base import SCORERS, Scorer
 from rewards.ensemble import EnsembleScorer
-
-if (
-    importlib.util.find_spec("rewards.toy") is not None
-):  # the toy world's analytic rewards (teammate's module)
-    from rewards import toy  # noqa: F401
 
 __all__ = [
     "SCORERS",
@@ -40,6 +34,7 @@ __all__ = [
     "personal",
     "pickscore",
     "scorer_options",
+    "toy",
 ]
 
 

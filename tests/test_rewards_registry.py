@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 
 import pytest
@@ -56,7 +55,6 @@ def test_jpeg_compressibility_is_minus_file_size():
     torch.testing.assert_close(rewards.build_scorer("jpeg_compressibility")(x, ""), -size)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("rewards.toy") is None, reason="toy rewards not written yet")
 def test_analytic_rewards_prefer_the_matching_prompt():
     """A rendered "red circle on white" scores higher for its own prompt than for a prompt naming other attributes."""
     from workbench.toy import world
