@@ -41,6 +41,11 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
         for child in ("final", "lora", "unet"):
             if (p / child).is_dir():
                 return resolve_checkpoint_path(p / child)
+        steps = sorted((p / "checkpoints").glob("step_*"))
+        if steps:
+            raise FileNotFoundError(
+                f"{p} is a training run without final/ (unfinished?); pass one of its checkpoints, e.g. {steps[-1]}"
+            )
     return p
 
 
@@ -63,7 +68,7 @@ def parse_checkpoints(specs: list[str]) -> list[Checkpoint]:
             out.append(Checkpoint("base"))
             continue
         name, sep, path = spec.partition("=")
-        if not sep:
+        if not sep or Path(spec).exists():  # a path that itself contains '='
             name, path = "", spec
         resolved = resolve_checkpoint_path(path)
         out.append(Checkpoint(name or _default_name(resolved), str(resolved)))
