@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torchvision.transforms.functional as TF
+from torchvision.transforms import InterpolationMode
 
 TINY_ARCH = "RewardsTest-Tiny-ViT"
 TINY_CFG = {
@@ -137,3 +139,13 @@ def images(n: int, h: int = 64, w: int = 48, seed: int = 0) -> torch.Tensor:
     """``[n, 3, h, w]`` random RGB in [0, 1] quantised to 1/255 (as decoded from an 8-bit file)."""
     g = torch.Generator().manual_seed(seed)
     return (torch.rand(n, 3, h, w, generator=g) * 255).round() / 255
+
+
+def hps_resize_max_size(x: torch.Tensor, max_size: int) -> torch.Tensor:
+    """``ResizeMaxSize.forward`` of hpsv2's vendored open_clip 2.16 ``transform.py``, restated on a CHW tensor."""
+    height, width = x.shape[1:]
+    scale = max_size / float(max(height, width))
+    new_size = tuple(round(dim * scale) for dim in (height, width))
+    x = TF.resize(x, list(new_size), InterpolationMode.BICUBIC, antialias=True)
+    pad_h, pad_w = max_size - new_size[0], max_size - new_size[1]
+    return TF.pad(x, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=0)

@@ -9,10 +9,8 @@ import open_clip
 import pytest
 import torch
 import torchvision.transforms as T
-import torchvision.transforms.functional as TF
 from PIL import Image
-from rewards_fixtures import hps_checkpoint, images, tiny_open_clip_arch, workdir
-from test_rewards_preprocess import _hps_resize_max_size
+from rewards_fixtures import hps_checkpoint, hps_resize_max_size, images, tiny_open_clip_arch, workdir
 
 import rewards
 from rewards.clip import create_open_clip
@@ -36,7 +34,7 @@ def _hpsv2_reference(pil_images: list[Image.Image], prompt: str) -> list[float]:
     preprocess_val = T.Compose(
         [
             T.ToTensor(),
-            lambda x: _hps_resize_max_size(x, 224),
+            lambda x: hps_resize_max_size(x, 224),
             T.Normalize(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711)),
         ]
     )
@@ -131,4 +129,3 @@ def test_full_size_vit_h_14_matches_the_hps_release_architecture_on_meta():
     # the scorer wraps it without allocating
     s = HPSv21(model, tokenizer, device="meta")
     assert s.image_size == 224 and s.resize_mode == "longest_pad"
-    assert TF is not None

@@ -4,27 +4,17 @@ from __future__ import annotations
 
 import torch
 import torchvision.transforms.functional as TF
-from rewards_fixtures import images
+from rewards_fixtures import hps_resize_max_size, images
 from torchvision.transforms import InterpolationMode
 
 from rewards.preprocess import OPENAI_MEAN, OPENAI_STD, clip_pixels, resize_longest_pad, resize_shortest_crop
 
 
-def _hps_resize_max_size(x: torch.Tensor, max_size: int) -> torch.Tensor:
-    """``ResizeMaxSize.forward`` of hpsv2's vendored open_clip 2.16 ``transform.py``, restated on a CHW tensor."""
-    height, width = x.shape[1:]
-    scale = max_size / float(max(height, width))
-    new_size = tuple(round(dim * scale) for dim in (height, width))
-    x = TF.resize(x, list(new_size), InterpolationMode.BICUBIC, antialias=True)
-    pad_h, pad_w = max_size - new_size[0], max_size - new_size[1]
-    return TF.pad(x, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=0)
-
-
-def test_longest_pad_matches_hps_resize_max_size():
+def test_longest_pad_matcheshps_resize_max_size():
     for h, w in [(64, 48), (300, 500), (512, 512), (100, 224)]:
         x = images(2, h, w)
         ours = resize_longest_pad(x, 224)
-        ref = torch.stack([_hps_resize_max_size(im, 224) for im in x])
+        ref = torch.stack([hps_resize_max_size(im, 224) for im in x])
         assert ours.shape == (2, 3, 224, 224)
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
