@@ -129,3 +129,14 @@ def test_full_size_vit_h_14_matches_the_hps_release_architecture_on_meta():
     # the scorer wraps it without allocating
     s = HPSv21(model, tokenizer, device="meta")
     assert s.image_size == 224 and s.resize_mode == "longest_pad"
+
+
+def test_fp16_checkpoint_loads_into_the_fp32_model():
+    """The released ``*_compressed.pt`` files are about half the fp32 size (1.97 GB for 986 M parameters), i.e.
+    presumably fp16 tensors; open_clip casts them into the fp32 model on load."""
+    sd = torch.load(hps_checkpoint(), weights_only=True)["state_dict"]
+    path = workdir() / "HPS_fp16.pt"
+    torch.save({"state_dict": {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}}, path)
+    half = rewards.build_scorer("hpsv2", path=str(path), arch=tiny_open_clip_arch())
+    x = images(2)
+    torch.testing.assert_close(half(x, PROMPTS[:2]), _hps()(x, PROMPTS[:2]), atol=5e-3, rtol=0)
