@@ -88,7 +88,13 @@ def standardise(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @SCORERS.register("personal")
 class PersonalScorer(Scorer):
-    """``w . standardise(population scores)``, fitted with :meth:`fit`; saved as a small JSON file."""
+    """``w . standardise(features)``: population scores, optionally plus the top principal components of an image
+    embedding (e.g. CLIP's); fitted with :meth:`fit`; saved as a small JSON file.
+
+    The embedding components start at weight 0 (the prior is the population ensemble), so they only matter where the
+    person's choices show a taste that the population scorers do not see; ``embed_dims`` (a handful) keeps the number of
+    free weights in proportion to 4-20 choices.
+    """
 
     description = (
         "personal Bradley-Terry reward over standardised population scores; logit units (diff = log-odds)"
@@ -101,45 +107,69 @@ class PersonalScorer(Scorer):
         mean: torch.Tensor | Sequence[float],
         std: torch.Tensor | Sequence[float],
         *,
+        embedder: torch.nn.Module | None = None,
+        basis: torch.Tensor | Sequence[Sequence[float]] | None = None,
+        center: torch.Tensor | Sequence[float] | None = None,
         specs: Sequence[Mapping[str, Any]] | None = None,
+        embedder_spec: Mapping[str, Any] | None = None,
         info: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not members:
             raise ValueError("personal scorer needs at least one feature scorer (members)")
+        if (embedder is None) != (basis is None) or (basis is None) != (center is None):
+            raise ValueError("personal scorer: embedder, basis and center go together (all or none)")
         # a ModuleList (not ModuleDict): member names such as "hpsv2.1" contain dots
         self.member_names = [str(k) for k in members]
         self.member_modules = torch.nn.ModuleList(members.values())
-        s = len(self.members)
-        self.register_buffer("weights", torch.as_tensor(weights, dtype=torch.float32).reshape(s))
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).reshape(s))
-        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).reshape(s))
+        self.embedder = embedder
+        k = 0
+        if basis is not None and center is not None:
+            self.register_buffer("basis", torch.as_tensor(basis, dtype=torch.float32))  # [k, D]
+            self.register_buffer("center", torch.as_tensor(center, dtype=torch.float32))  # [D]
+            k = self.basis.shape[0]  # pyright: ignore[reportAttributeAccessIssue]
+        n = len(self.member_names) + k
+        self.register_buffer("weights", torch.as_tensor(weights, dtype=torch.float32).reshape(n))
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).reshape(n))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).reshape(n))
         self.specs = [dict(x) for x in specs] if specs is not None else None
+        self.embedder_spec = dict(embedder_spec) if embedder_spec is not None else None
         self.info = dict(info or {})
         self.needs_prompt = any(m.needs_prompt for m in self.members.values())
 
+    @property
+    def members(self) -> dict[str, Scorer]:
+        return dict(zip(self.member_names, self.member_modules))  # pyright: ignore[reportReturnType]
+
+    @property
+    def feature_names(self) -> list[str]:
+        k = self.basis.shape[0] if self.embedder is not None else 0  # pyright: ignore[reportAttributeAccessIssue]
+        return self.member_names + [f"embedding/pc{i}" for i in range(k)]
+
     # -- features -----------------------------------------------------------------------------------------------------
     def features(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        """Raw population scores ``[B, S]`` (columns in member order)."""
-        return torch.stack([m(images, prompts).float().cpu() for m in self.members.values()], dim=1)
+        """Raw features ``[B, S + k]``: member scores, then embedding coordinates on the fitted principal axes."""
+        cols = [m(images, prompts).float().cpu()[:, None] for m in self.members.values()]
+        if self.embedder is not None:
+            emb = _embed(self.embedder, images)
+            cols.append((emb - self.center.cpu()) @ self.basis.cpu().T)  # pyright: ignore[reportAttributeAccessIssue]
+        return torch.cat(cols, dim=1)
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         phi = (self.features(images, prompts) - self.mean.cpu()) / self.std.cpu()  # pyright: ignore[reportOperatorIssue]
         return (phi @ self.weights.cpu()).to(images.device)  # pyright: ignore[reportOperatorIssue]
 
     # -- fitting ------------------------------------------------------------------------------------------------------
-
-    @property
-    def members(self) -> dict[str, Scorer]:
-        return dict(zip(self.member_names, self.member_modules))  # pyright: ignore[reportReturnType]
-
     @staticmethod
-    def prior(names: Sequence[str], anchor: str | None = None) -> torch.Tensor:
+    def prior(names: Sequence[str], anchor: str | None = None, extra: int = 0) -> torch.Tensor:
+        """Equal weights ``1/S`` over the members (or 1 on ``anchor``), 0 on ``extra`` embedding features."""
         if anchor is None:
-            return torch.full((len(names),), 1.0 / len(names))
-        if anchor not in names:
+            w = [1.0 / len(names)] * len(names)
+        elif anchor not in names:
             raise ValueError(f"anchor={anchor!r} is not a member; members are {list(names)}")
-        return torch.tensor([1.0 if n == anchor else 0.0 for n in names])
+        else:
+            w = [1.0 if n == anchor else 0.0 for n in names]
+        return torch.tensor(w + [0.0] * extra)
 
     @classmethod
     def fit_features(
@@ -151,20 +181,21 @@ class PersonalScorer(Scorer):
         anchor: str | None = None,
         l2: float = 1.0,
         specs: Sequence[Mapping[str, Any]] | None = None,
+        **embedding: Any,
     ) -> PersonalScorer:
-        """Fit from precomputed ``features[M, S]`` and choices ``(chosen, rejected)`` or ``(chosen, [rejected...])``
-        given as row indices into ``features``."""
+        """Fit from precomputed ``features[M, S (+ k)]`` and choices ``(chosen, rejected)`` or
+        ``(chosen, [rejected, ...])`` given as row indices into ``features``. ``embedding``: ``embedder``, ``basis``,
+        ``center``, ``embedder_spec`` when the last k columns are embedding coordinates."""
         pairs = expand_choices(choices, features.shape[0])
         mean, std = standardise(features)
         phi = (features - mean) / std
         diff = phi[[a for a, _ in pairs]] - phi[[b for _, b in pairs]]
-        names = list(members)
-        prior = cls.prior(names, anchor)
+        prior = cls.prior(list(members), anchor, extra=features.shape[1] - len(members))
         w = fit_bradley_terry(diff, prior, l2)
         info: dict[str, Any] = {"n_choices": len(choices), "n_pairs": len(pairs), "l2": l2, "anchor": anchor}
         if len(pairs) >= 2:
             info["loo_accuracy"] = loo_accuracy(diff, prior, l2)
-        return cls(members, w, mean, std, specs=specs, info=info)
+        return cls(members, w, mean, std, specs=specs, info=info, **embedding)
 
     @classmethod
     def fit(
@@ -173,26 +204,44 @@ class PersonalScorer(Scorer):
         images: torch.Tensor,
         prompts: Sequence[str],
         choices: Sequence[tuple[int, int]] | Sequence[tuple[int, Sequence[int]]],
+        *,
+        embedder: torch.nn.Module | None = None,
+        embed_dims: int = 4,
+        embedder_spec: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> PersonalScorer:
-        """Score ``images[M]`` with every member, then :meth:`fit_features` (choices index into ``images``)."""
+        """Score ``images[M]`` with every member (and embed them with ``embedder``, keeping the top ``embed_dims``
+        principal components of these images), then :meth:`fit_features`; choices index into ``images``."""
         with torch.no_grad():
-            feats = torch.stack([m(images, prompts).float().cpu() for m in members.values()], dim=1)
-        return cls.fit_features(members, feats, choices, **kwargs)
+            cols = [m(images, prompts).float().cpu()[:, None] for m in members.values()]
+            embedding: dict[str, Any] = {}
+            if embedder is not None:
+                emb = _embed(embedder, images)
+                center = emb.mean(0)
+                k = max(1, min(int(embed_dims), emb.shape[0] - 1, emb.shape[1]))
+                basis = torch.linalg.svd(emb - center, full_matrices=False).Vh[:k]  # principal axes [k, D]
+                cols.append((emb - center) @ basis.T)
+                embedding = {
+                    "embedder": embedder,
+                    "basis": basis,
+                    "center": center,
+                    "embedder_spec": embedder_spec,
+                }
+        return cls.fit_features(members, torch.cat(cols, dim=1), choices, **embedding, **kwargs)
 
     def loo_accuracy(self) -> float | None:
         return self.info.get("loo_accuracy")
 
     # -- persistence --------------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write a JSON file (weights are a few floats; no pickle). Needs ``specs`` to rebuild the members."""
-        if self.specs is None:
+        """Write a JSON file (a few floats; no pickle). Needs ``specs`` (and ``embedder_spec``) to rebuild scorers."""
+        if self.specs is None or (self.embedder is not None and self.embedder_spec is None):
             raise ValueError(
                 "this personal scorer was built from injected scorers; pass specs=[{'name': ..., **options}, ...] "
-                "when fitting so that it can be saved and rebuilt"
+                "(and embedder_spec={'name': ..., **options} with an embedder) when fitting so that it can be saved"
             )
         path = Path(path)
-        data = {
+        data: dict[str, Any] = {
             "format": FORMAT,
             "members": self.specs,
             "weights": self.weights.tolist(),  # pyright: ignore[reportCallIssue]
@@ -200,14 +249,16 @@ class PersonalScorer(Scorer):
             "std": self.std.tolist(),  # pyright: ignore[reportCallIssue]
             "info": self.info,
         }
+        if self.embedder is not None:
+            data["embedder"] = self.embedder_spec
+            data["basis"] = self.basis.tolist()  # pyright: ignore[reportAttributeAccessIssue]
+            data["center"] = self.center.tolist()  # pyright: ignore[reportAttributeAccessIssue]
         path.write_text(json.dumps(data, indent=2))
         return path
 
     @classmethod
     def from_pretrained(cls, path: str | None = None) -> PersonalScorer:
-        """Load a file written by :meth:`save`; its member scorers are rebuilt with ``rewards.build_scorer``."""
-        from rewards import build_scorer
-
+        """Load a file written by :meth:`save`; its scorers are rebuilt with ``rewards.build_scorer``."""
         if path is None or not Path(path).is_file():
             where = "no path was given" if path is None else f"{path} does not exist"
             raise ValueError(
@@ -216,15 +267,43 @@ class PersonalScorer(Scorer):
         data = json.loads(Path(path).read_text())
         if data.get("format") != FORMAT:
             raise ValueError(f"{path}: format {data.get('format')!r} is not {FORMAT!r}; refit and save again")
-        members: dict[str, Scorer] = {}
-        for spec in data["members"]:
-            opts = dict(spec)
-            name = str(opts.pop("name"))
-            key = str(opts.pop("as", name))
-            members[key] = build_scorer(name, **opts)
+        members = {key: scorer for key, scorer in map(_build_spec, data["members"])}
+        embedding: dict[str, Any] = {}
+        if data.get("embedder") is not None:
+            embedding = {
+                "embedder": _build_spec(data["embedder"])[1],
+                "basis": data["basis"],
+                "center": data["center"],
+                "embedder_spec": data["embedder"],
+            }
         return cls(
-            members, data["weights"], data["mean"], data["std"], specs=data["members"], info=data["info"]
+            members,
+            data["weights"],
+            data["mean"],
+            data["std"],
+            specs=data["members"],
+            info=data["info"],
+            **embedding,
         )
+
+
+def _build_spec(spec: Mapping[str, Any]) -> tuple[str, Scorer]:
+    from rewards import build_scorer
+
+    opts = dict(spec)
+    name = str(opts.pop("name"))
+    key = str(opts.pop("as", name))
+    return key, build_scorer(name, **opts)
+
+
+def _embed(embedder: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    encode = getattr(embedder, "encode_images", None)
+    if encode is None:
+        raise ValueError(
+            f"embedder {type(embedder).__name__} has no encode_images(); use a CLIP-family scorer"
+        )
+    with torch.no_grad():
+        return encode(images).float().cpu()
 
 
 def expand_choices(
