@@ -127,7 +127,7 @@ class PersonalScorer(Scorer):
         if basis is not None and center is not None:
             self.register_buffer("basis", torch.as_tensor(basis, dtype=torch.float32))  # [k, D]
             self.register_buffer("center", torch.as_tensor(center, dtype=torch.float32))  # [D]
-            k = self.basis.shape[0]  # pyright: ignore[reportAttributeAccessIssue]
+            k = self.basis.shape[0]
         n = len(self.member_names) + k
         self.register_buffer("weights", torch.as_tensor(weights, dtype=torch.float32).reshape(n))
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).reshape(n))
@@ -143,7 +143,7 @@ class PersonalScorer(Scorer):
 
     @property
     def feature_names(self) -> list[str]:
-        k = self.basis.shape[0] if self.embedder is not None else 0  # pyright: ignore[reportAttributeAccessIssue]
+        k = self.basis.shape[0] if self.embedder is not None else 0
         return self.member_names + [f"embedding/pc{i}" for i in range(k)]
 
     # -- features -----------------------------------------------------------------------------------------------------
@@ -152,7 +152,7 @@ class PersonalScorer(Scorer):
         cols = [m(images, prompts).float().cpu()[:, None] for m in self.members.values()]
         if self.embedder is not None:
             emb = _embed(self.embedder, images)
-            cols.append((emb - self.center.cpu()) @ self.basis.cpu().T)  # pyright: ignore[reportAttributeAccessIssue]
+            cols.append((emb - self.center.cpu()) @ self.basis.cpu().T)  # pyright: ignore[reportOperatorIssue]
         return torch.cat(cols, dim=1)
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -244,15 +244,15 @@ class PersonalScorer(Scorer):
         data: dict[str, Any] = {
             "format": FORMAT,
             "members": self.specs,
-            "weights": self.weights.tolist(),  # pyright: ignore[reportCallIssue]
-            "mean": self.mean.tolist(),  # pyright: ignore[reportCallIssue]
-            "std": self.std.tolist(),  # pyright: ignore[reportCallIssue]
+            "weights": self.weights.tolist(),
+            "mean": self.mean.tolist(),
+            "std": self.std.tolist(),
             "info": self.info,
         }
         if self.embedder is not None:
             data["embedder"] = self.embedder_spec
-            data["basis"] = self.basis.tolist()  # pyright: ignore[reportAttributeAccessIssue]
-            data["center"] = self.center.tolist()  # pyright: ignore[reportAttributeAccessIssue]
+            data["basis"] = self.basis.tolist()
+            data["center"] = self.center.tolist()
         path.write_text(json.dumps(data, indent=2))
         return path
 
