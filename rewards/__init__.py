@@ -16,6 +16,8 @@ import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
+
 from rewards import aesthetic, clip, ensemble, hps, jpeg, personal, pickscore, toy
 from rewards.base import SCORERS, Scorer
 from rewards.ensemble import EnsembleScorer
@@ -70,7 +72,11 @@ def build_scorer(name: str, **options: Any) -> Scorer:
         raise ValueError(str(e.args[0])) from None
     factory = _factory(entry)
     accepted = scorer_options(name)
-    takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values())
+    # torch.nn.Module.__init__(*args, **kwargs) accepts nothing really: treat an inherited one as "no options"
+    inherits_module_init = isinstance(factory, type) and factory.__init__ is torch.nn.Module.__init__
+    takes_kwargs = not inherits_module_init and any(
+        p.kind == p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values()
+    )
     unknown = sorted(set(options) - set(accepted))
     if unknown and not takes_kwargs:
         raise ValueError(

@@ -42,6 +42,8 @@ def test_unknown_names_and_options_list_what_exists():
         rewards.build_scorer("hps")
     with pytest.raises(ValueError, match=r"has no option.*qualty.*accepted options: quality"):
         rewards.build_scorer("jpeg_compressibility", qualty=90)
+    with pytest.raises(ValueError, match=r"'toy/colour' has no option.*accepted options: \(none\)"):
+        rewards.build_scorer("toy/colour", colour="red")
     with pytest.raises(ValueError, match="not differentiable"):
         rewards.build_scorer("jpeg_compressibility", differentiable=True)
 
