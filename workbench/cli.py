@@ -22,6 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "workbench.commands.toy",
         "toy world: pretrain its pipeline, render images and pairs, measure adherence",
     ),
+    "export": (
+        "workbench.commands.export",
+        "write base + checkpoint as one A1111/ComfyUI single-file checkpoint",
+    ),
     "tiny": (
         "workbench.commands.tiny",
         "write tiny SDXL/SD1.5 test pipelines and data (configs/tiny use them)",

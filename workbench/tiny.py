@@ -43,6 +43,9 @@ class TinySpec:
     vae_norm_groups: int = 16
     latent_channels: int = 4
     text_hidden: int = 32
+    #: hidden size of SDXL's second text encoder (None = text_hidden). Real SDXL has 768 / 1280; give them different
+    #: sizes when a test needs to tell the two encoders apart by shape (diffusers' single-file loader does).
+    text_hidden_2: int | None = None
     text_layers: int = 2
     text_heads: int = 4
     text_ffn: int = 64
@@ -142,16 +145,17 @@ def build_tokenizer(spec: TinySpec, directory: str | Path) -> Any:
 
 
 def _text_config(spec: TinySpec, vocab_size: int, *, projection: bool) -> Any:
+    hidden = spec.text_hidden_2 or spec.text_hidden if projection else spec.text_hidden
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         vocab_size=vocab_size,
-        hidden_size=spec.text_hidden,
+        hidden_size=hidden,
         intermediate_size=spec.text_ffn,
         num_hidden_layers=spec.text_layers,
         num_attention_heads=spec.text_heads,
         max_position_embeddings=spec.text_max_length,
-        projection_dim=spec.pooled_dim if projection else spec.text_hidden,
+        projection_dim=spec.pooled_dim if projection else hidden,
         bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1,
         pad_token_id=vocab_size - 1,
@@ -176,7 +180,7 @@ def build_tiny_components(spec: TinySpec, workdir: str | Path) -> dict[str, Any]
     up = ("CrossAttnUpBlock2D",) * (n_blocks - 1) + ("UpBlock2D",)
     latent_size = spec.resolution // 2 ** (len(spec.vae_channels) - 1)
     sdxl = spec.family == "sdxl"
-    cross_dim = 2 * spec.text_hidden if sdxl else spec.text_hidden
+    cross_dim = spec.text_hidden + (spec.text_hidden_2 or spec.text_hidden) if sdxl else spec.text_hidden
     unet_kwargs: dict[str, Any] = dict(
         sample_size=latent_size,
         in_channels=spec.latent_channels,
@@ -324,7 +328,7 @@ def write_tiny_fixtures(directory: str | Path) -> dict[str, Path]:
         "pickapic": directory / "pickapic.parquet",
     }
     if not (out["sdxl"] / "model_index.json").is_file():
-        save_tiny_pipeline(TinySpec(family="sdxl"), out["sdxl"])
+        save_tiny_pipeline(TinySpec(family="sdxl", text_hidden_2=48), out["sdxl"])
     if not (out["sd15"] / "model_index.json").is_file():
         save_tiny_pipeline(TinySpec(family="sd15"), out["sd15"])
     if not out["pickapic"].is_file():

@@ -183,6 +183,18 @@ class Counters:
         self.step, self.nonfinite_total = int(state["step"]), int(state["nonfinite_total"])
 
 
+def training_target(
+    scheduler: Any, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """What the UNet is trained to predict: eps, or v = sqrt(a_t) eps - sqrt(1 - a_t) x0 (Salimans & Ho 2022,
+    "Progressive Distillation", section 4; diffusers ``get_velocity``) for v-prediction models such as SD2.x-768."""
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(x0, eps, t)
+    if prediction_type == "epsilon":
+        return eps
+    raise ValueError(f"prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)")
+
+
 # ------------------------------------------------------------------------------------------------- the trainer
 class Trainer:
     def __init__(self, cfg: RunConfig, *, show_progress: bool = True) -> None:
@@ -320,10 +332,9 @@ class Trainer:
         t_flat = repeat_per_image(t, k).to(device)  # [B*K]
         x0_flat, eps_flat = flatten_groups(x0), flatten_groups(eps.contiguous())
         x_t = self.noise_scheduler.add_noise(x0_flat, eps_flat, t_flat)
-        if self.components.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(x0_flat, eps_flat, t_flat)
-        else:
-            target = eps_flat
+        target = training_target(
+            self.noise_scheduler, x0_flat, eps_flat, t_flat, self.components.prediction_type
+        )
         cond: dict[str, Any] = {"encoder_hidden_states": repeat_per_image(batch.prompt_embeds, k).to(device)}
         if batch.pooled_embeds is not None and batch.time_ids is not None:
             cond["added_cond_kwargs"] = {
