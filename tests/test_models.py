@@ -51,7 +51,7 @@ def test_missing_and_unsupported_sources_are_clear_errors(tmp_path: Path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_pipeline(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelLoadError, match="no model_index.json"):
+    with pytest.raises(ModelLoadError, match=r"no model_index\.json"):
         load_pipeline(str(tmp_path / "empty"))
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
