@@ -74,3 +74,13 @@ def test_ls_lists_objectives(capsys: pytest.CaptureFixture[str]):
     assert cli_main(["ls", "objectives"]) == 0
     out = capsys.readouterr().out
     assert "diffusion_dpo" in out and "sft" in out
+
+
+def test_list_items_can_be_overridden_by_index(tmp_path: Path):
+    cfg = load_config(
+        _write(tmp_path, BASE), ["data.sources.0.path=/data/shards", "validation.prompts=[a cat, a dog]"]
+    )
+    assert cfg.data.sources[0].path == "/data/shards"
+    assert cfg.validation.prompts == ["a cat", "a dog"]
+    with pytest.raises(ConfigError, match=r"data\.sources\.5\.path"):
+        load_config(_write(tmp_path, BASE), ["data.sources.5.path=x"])

@@ -315,11 +315,18 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        base = OmegaConf.load(path)
+        merged = OmegaConf.load(path)
         for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} must look like key.sub=value")
-        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+            key, sep, raw = item.partition("=")
+            if not sep or not key:
+                raise ConfigError(
+                    f"override {item!r} must look like key.sub=value (list items: key.0.sub=value)"
+                )
+            value = OmegaConf.from_dotlist([f"v={raw}"])["v"]  # YAML typing: 5e-4 is a float, [a, b] a list
+            try:
+                OmegaConf.update(merged, key, value, merge=False)
+            except (TypeError, ValueError, IndexError, OmegaConfBaseException) as exc:
+                raise ConfigError(f"override {item!r}: cannot set {key}: {exc}") from exc
         data = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{path}: could not parse YAML/overrides: {exc}") from exc
