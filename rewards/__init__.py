@@ -33,6 +33,7 @@ __all__ = [
     "ensemble",
     "hps",
     "jpeg",
+    "parse_scorer_spec",
     "personal",
     "pickscore",
     "scorer_options",
@@ -107,3 +108,37 @@ def build_ensemble(
             "ensemble members mix built scorers and specs; pass a {name: scorer} mapping instead"
         )
     return EnsembleScorer.from_options(members, method=method, weights=weights, stats=stats)  # pyright: ignore[reportArgumentType]
+
+
+def parse_scorer_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"hpsv2.1:path=/w/HPS.pt,device=cuda"`` -> ``("hpsv2.1", {"path": "/w/HPS.pt", "device": "cuda"})``.
+
+    The command-line form of a scorer (``workbench score --scorer``; usable by any command that takes scorers).
+    Values parse as bool (true/false), None (none/null), int, float, else string; paths must not contain commas.
+    """
+    name, _, rest = spec.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(
+                f"scorer spec {spec!r}: option {item!r} is not key=value; write NAME:key=value,key=value"
+            )
+        options[key.strip()] = _parse_value(value.strip())
+    if not name:
+        raise ValueError(f"scorer spec {spec!r}: missing scorer name; see `workbench ls scorers`")
+    return name, options
+
+
+def _parse_value(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from rewards_fixtures import hps_checkpoint, tiny_open_clip_arch
 
+from rewards import parse_scorer_spec
 from workbench.cli import main
-from workbench.commands.score import parse_scorer_spec
 
 
 def _write_images(folder, n, size=32):

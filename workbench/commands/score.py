@@ -52,36 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def parse_scorer_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"hpsv2.1:path=/w/HPS.pt,device=cuda"`` -> ``("hpsv2.1", {"path": "/w/HPS.pt", "device": "cuda"})``."""
-    name, _, rest = spec.partition(":")
-    options: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise ValueError(
-                f"--scorer {spec!r}: option {item!r} is not key=value; write NAME:key=value,key=value"
-            )
-        options[key.strip()] = _parse_value(value.strip())
-    if not name:
-        raise ValueError(f"--scorer {spec!r}: missing scorer name; see `workbench ls scorers`")
-    return name, options
-
-
-def _parse_value(text: str) -> Any:
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
 def collect_items(args: argparse.Namespace) -> tuple[list[dict[str, Any]], Path | None]:
     """Rows ``{"path", "prompt", ...}`` from a manifest or from images + prompts; also the manifest path if any."""
     inputs = list(args.inputs)
@@ -158,7 +128,7 @@ def _load_image(path: str) -> Any:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from rewards import EnsembleScorer, build_scorer, scorer_options
+    from rewards import EnsembleScorer, build_scorer, parse_scorer_spec, scorer_options
 
     if not args.scorer:
         raise ValueError(
