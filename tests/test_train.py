@@ -54,7 +54,12 @@ def _images(pipe, prompt: str = "a red square") -> np.ndarray:
 def test_sdxl_lora_dpo_end_to_end(workdir: Path):
     from diffusers import StableDiffusionXLPipeline
 
-    trainer = _run("configs/tiny/sdxl_dpo_lora.yaml", "run.name=e2e_lora", "logging.tensorboard=true")
+    trainer = _run(
+        "configs/tiny/sdxl_dpo_lora.yaml",
+        "run.name=e2e_lora",
+        "logging.tensorboard=true",
+        "validation.scorers=[toy/saturation, jpeg_compressibility]",
+    )
     unet = trainer.accelerator.unwrap_model(trainer.unet)
     before = {n: p.detach().clone() for n, p in unet.named_parameters()}
     run_dir = trainer.train()
@@ -73,6 +78,11 @@ def test_sdxl_lora_dpo_end_to_end(workdir: Path):
     assert len(records) == 20
     assert records[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)  # fresh LoRA: policy == reference
     assert all(math.isfinite(r["train/loss"]) for r in records)
+    rewards = [json.loads(x) for x in lines if '"reward/' in x]
+    assert [r["step"] for r in rewards] == [10, 20]  # validation scores logged per step, tuned and base
+    assert {"reward/toy/saturation", "reward_base/toy/saturation", "reward/jpeg_compressibility"} <= set(
+        rewards[0]
+    )
     assert (run_dir / "validation" / "step_000010.png").is_file()
     assert (run_dir / "validation" / "step_000020.png").is_file()
     assert (run_dir / "config.resolved.yaml").is_file() and (run_dir / "environment.json").is_file()
@@ -183,3 +193,25 @@ def test_nonfinite_losses_skip_steps_then_stop_keeping_the_last_checkpoint(workd
     assert ckpts == ["step_000002", "step_000004"]  # the good steps before the losses went non-finite
     assert (workdir / "runs" / "nan_run" / "checkpoints" / "step_000004" / "COMPLETE").is_file()
     assert not (workdir / "runs" / "nan_run" / "final").exists()
+
+
+def test_ctrl_c_saves_a_checkpoint_then_exits(workdir: Path):
+    cfg_path = str(ROOT / "configs/tiny/sdxl_dpo_lora.yaml")
+    args = ["train.max_steps=400", "train.checkpoint_every=1000", "validation.prompts=[]", "run.name=ctrl_c"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "workbench", "train", cfg_path, *args, "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = workdir / "runs" / "ctrl_c" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while (
+        (not metrics.exists() or metrics.stat().st_size == 0)
+        and proc.poll() is None
+        and time.time() < deadline
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    assert "resume with train.resume=latest" in err.decode()
+    ckpts = [p for p in (workdir / "runs" / "ctrl_c" / "checkpoints").iterdir()]
+    assert len(ckpts) == 1 and (ckpts[0] / "COMPLETE").is_file()
