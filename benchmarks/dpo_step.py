@@ -117,7 +117,7 @@ def child(mode: str, steps: int, batch: int, resolution: int) -> dict:
             indices = trainer.cursor.take(batch)
             t0 = time.perf_counter()
             if mode == "workbench":
-                b = trainer.cache.batch(indices, trainer.noise.generator, empty_prompt_prob=0.0, hflip=False)
+                b = trainer.cache.batch(indices, trainer.noise_generator, empty_prompt_prob=0.0, hflip=False)
                 loss, _ = trainer.compute_loss(b)
                 trainer.accelerator.backward(loss)
                 trainer.optimizer.step()

@@ -158,19 +158,6 @@ class DataCursor:
         self._order = self._permutation()
 
 
-class GeneratorState:
-    """The training noise generator (timesteps, noise, posterior samples, prompt dropout), checkpointed."""
-
-    def __init__(self, seed: int) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"state": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["state"])
-
-
 class Counters:
     def __init__(self) -> None:
         self.step = 0
@@ -229,6 +216,12 @@ class Trainer:
         from workbench.models import setup_training_components
 
         self.components = comps = setup_training_components(cfg.model, device=acc.device)
+        if cfg.model.finetune == "lora" and cfg.train.mixed_precision != "no":
+            # The frozen base in the AMP dtype, the trainable LoRA weights in fp32 (diffusers' cast_training_params).
+            comps.unet.to(dtype=torch.float16 if cfg.train.mixed_precision == "fp16" else torch.bfloat16)
+            for p in comps.unet.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
         if cfg.train.attention == "xformers":
             comps.unet.enable_xformers_memory_efficient_attention()  # type: ignore[operator]
         if cfg.train.gradient_checkpointing:
@@ -246,9 +239,9 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, build_lr_lambda(cfg, cfg.train.max_steps))
         self.unet, self.optimizer, self.lr_scheduler = acc.prepare(comps.unet, optimizer, scheduler)
         self.cursor = DataCursor(len(self.cache), cfg.run.seed, acc.process_index, acc.num_processes)
-        self.noise = GeneratorState(cfg.run.seed * 7919 + 17 + acc.process_index)
+        self.noise_generator = torch.Generator()
         self.counters = Counters()
-        for obj in (self.cursor, self.noise, self.counters):
+        for obj in (self.cursor, self.counters):
             acc.register_for_checkpointing(obj)
         self._register_hooks()
         if acc.is_main_process:
@@ -314,9 +307,16 @@ class Trainer:
         return {n: rewards.build_scorer(n, **self.cfg.validation.scorer_options.get(n, {})) for n in names}
 
     # -------------------------------------------------------------------------------------------- one step
+    def reseed(self, step: int) -> None:
+        """Every random draw of a step (timesteps, noise, posterior samples, prompt dropout) comes from a generator
+        seeded by (run seed, process, step): exact resume needs no saved generator state, and each process of a
+        multi-GPU run draws its own noise."""
+        rank = self.accelerator.process_index
+        self.noise_generator.manual_seed((self.cfg.run.seed * 1_000_003 + rank) * 1_000_033 + step)
+
     def compute_loss(self, batch: GroupBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg, acc = self.cfg, self.accelerator
-        g = self.noise.generator
+        g = self.noise_generator
         b, k = batch.shape
         device = acc.device
         x0 = batch.latents.to(device)  # [B, K, C, h, w]
@@ -412,11 +412,12 @@ class Trainer:
                     raise KeyboardInterrupt
                 sums: dict[str, float] = {}
                 loss_sum, bad = 0.0, False
+                self.reseed(self.counters.step)
                 for micro in range(ga):
                     indices = self.cursor.take(bs)
                     batch = self.cache.batch(
                         indices,
-                        self.noise.generator,
+                        self.noise_generator,
                         empty_prompt_prob=cfg.data.proportion_empty_prompts,
                         hflip=cfg.data.hflip,
                     )
