@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=None, help="(0)")
     p.add_argument("--vae-steps", type=int, default=None, help="VAE step cap (800)")
+    p.add_argument(
+        "--decoder-steps", type=int, default=None, help="fine-tune the VAE decoder alone first (0)"
+    )
     p.add_argument("--unet-steps", type=int, default=None, help="UNet step cap (3000)")
     p.add_argument("--vae-minutes", type=float, default=None, help="VAE time budget in minutes, 0 = none (8)")
     p.add_argument(
@@ -67,13 +70,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--steps", type=int, default=10, help="sampler steps (the pipeline's Euler scheduler)")
     a.add_argument("--guidance", type=float, default=5.0)
     a.add_argument("--grid", default=None, help="also write the samples as a grid PNG here")
+    a.add_argument(
+        "--json", default=None, help="also store the result under its split in this JSON file (merged)"
+    )
 
 
 def _pretrain(args: argparse.Namespace) -> int:
     from workbench.toy.pretrain import PretrainConfig, pretrain
 
     keys = ("out", "seed", "vae_steps", "unet_steps", "vae_minutes", "unet_minutes", "pool_size")
-    keys += ("vae_target_psnr", "total_minutes", "checkpoint_minutes", "init", "threads")
+    keys += ("decoder_steps", "vae_target_psnr", "total_minutes", "checkpoint_minutes", "init", "threads")
     cfg = PretrainConfig(**{k: getattr(args, k) for k in keys if getattr(args, k) is not None})
     summary = pretrain(cfg)
     print(f"pipeline: {Path(cfg.out) / 'pipeline'}  ({summary['total_wall_s']:.0f} s)")
@@ -136,6 +142,11 @@ def _adherence(args: argparse.Namespace) -> int:
     if args.grid:
         grid(images.numpy(), ncol=len(set(prompts)) if len(set(prompts)) <= 24 else 24).save(args.grid)
     print(json.dumps(result, indent=2))
+    if args.json:
+        path = Path(args.json)
+        stored = json.loads(path.read_text()) if path.is_file() else {}
+        stored[args.split] = result
+        path.write_text(json.dumps(stored, indent=2) + "\n")
     return 0
 
 

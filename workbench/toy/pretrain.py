@@ -55,6 +55,9 @@ class PretrainConfig:
     vae_batch: int = 32
     vae_lr: float = 1e-3
     kl_weight: float = 1e-4
+    decoder_steps: int = (
+        0  #: fine-tune the VAE decoder alone (encoder frozen, so the latent space is unchanged)
+    )
     unet_steps: int = 3000
     unet_minutes: float = 0.0  #: time budget of the UNet phase; 0 = no limit
     total_minutes: float = (
@@ -132,6 +135,43 @@ def train_vae(vae: Any, cfg: PretrainConfig, log: Path) -> dict[str, float]:
         "vae_wall_s": time.monotonic() - t0,
         "vae_psnr_db": psnr,
         "scaling_factor": scaling,
+    }
+
+
+def train_decoder(vae: Any, cfg: PretrainConfig, log: Path) -> dict[str, float]:
+    """Optional phase: the decoder (and post_quant_conv) alone, MSE on fresh world images (seeds 4 * 10^9 + ...).
+
+    The encoder is frozen, so latents, ``scaling_factor`` and any UNet trained on them stay valid: this sharpens the
+    decoded images of an already trained pipeline (used with ``init``)."""
+    if cfg.decoder_steps <= 0:
+        return {}
+    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    vae.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    vae.train()
+    opt = torch.optim.AdamW(params, lr=cfg.vae_lr, weight_decay=0.0)
+    t0 = time.monotonic()
+    for step in range(1, cfg.decoder_steps + 1):
+        x = _images(range(4 * 10**9 + step * cfg.vae_batch, 4 * 10**9 + (step + 1) * cfg.vae_batch))
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample()
+        loss = F.mse_loss(vae.decode(z).sample, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % cfg.log_every == 0 or step == 1:
+            psnr = 10 * math.log10(4.0 / max(loss.item(), 1e-12))
+            _log(log, {"phase": "decoder", "step": step, "psnr": psnr, "wall_s": time.monotonic() - t0})
+    vae.requires_grad_(False).eval()
+    with torch.no_grad():
+        x = _images(range(2 * 10**9, 2 * 10**9 + 256))
+        recon = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        psnr = 10 * math.log10(4.0 / float(F.mse_loss(recon, x)))
+    return {
+        "decoder_steps": cfg.decoder_steps,
+        "decoder_wall_s": time.monotonic() - t0,
+        "decoder_psnr_db": psnr,
     }
 
 
@@ -296,6 +336,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                     0.0, cfg.token_embedding_std, generator=torch.Generator().manual_seed(cfg.seed + 7)
                 )
         summary.update(train_vae(components["vae"], cfg, log))
+    summary.update(train_decoder(components["vae"], cfg, log))
     components["vae"].requires_grad_(False).eval()
     deadline = t0 + cfg.total_minutes * 60 if cfg.total_minutes > 0 else math.inf
     summary.update(train_unet(components, cfg, log, out, deadline))
