@@ -232,6 +232,7 @@ def adherence(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, float]:
 
 class _ToyScorer(Scorer):
     differentiable = False
+    supports_grad = False
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return self.reward(analyse(images), prompts).clamp(0, 1)
@@ -246,6 +247,7 @@ class ToyColour(_ToyScorer):
         "toy world: foreground colour matches the prompt's colour word, exp(-(dist/0.2)^2), in [0, 1]"
     )
     differentiable = True
+    supports_grad = True
 
     def reward(self, a: Analysis, prompts: Sequence[str]) -> torch.Tensor:
         return colour_reward(a, prompts)
@@ -273,6 +275,7 @@ class ToyBackground(_ToyScorer):
         "toy world: border colour matches the prompt's background word, exp(-(dist/0.25)^2), in [0, 1]"
     )
     differentiable = True
+    supports_grad = True
 
     def reward(self, a: Analysis, prompts: Sequence[str]) -> torch.Tensor:
         return background_reward(a, prompts)
@@ -288,6 +291,7 @@ class ToyFidelity(_ToyScorer):
 
 @SCORERS.register("toy/centering")
 class ToyCentering(_ToyScorer):
+    needs_prompt = False
     description = (
         "toy world taste (prompt-independent): shape centred, exp(-(centre offset/0.1)^2), in [0, 1]"
     )
@@ -299,7 +303,9 @@ class ToyCentering(_ToyScorer):
 @SCORERS.register("toy/saturation")
 class ToySaturation(_ToyScorer):
     description = "toy world taste (prompt-independent): HSV saturation of the shape's colour, in [0, 1]"
+    needs_prompt = False
     differentiable = True
+    supports_grad = True
 
     def reward(self, a: Analysis, prompts: Sequence[str]) -> torch.Tensor:
         return saturation_reward(a)
@@ -307,10 +313,12 @@ class ToySaturation(_ToyScorer):
 
 @SCORERS.register("toy/clean_background")
 class ToyCleanBackground(_ToyScorer):
+    needs_prompt = False
     description = (
         "toy world taste (prompt-independent): flat background, exp(-(mean bg deviation/0.05)^2), in [0, 1]"
     )
     differentiable = True
+    supports_grad = True
 
     def reward(self, a: Analysis, prompts: Sequence[str]) -> torch.Tensor:
         return clean_background_reward(a)
