@@ -104,11 +104,6 @@ def test_zero_initialised_lora_gives_images_identical_to_the_base(
     assert torch.equal(base_images, tuned_images)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="workbench.models.save_lora writes mixed key formats (attention: lora.down/up, proj/ff: lora_A/B) when "
-    "LoRA targets more than attention; load_lora_weights then drops the attention adapters",
-)
 def test_a_trained_lora_saved_and_applied_reproduces_the_in_memory_adapter(
     base_dir: Path, pipe, tmp_path: Path
 ) -> None:

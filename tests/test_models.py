@@ -101,3 +101,28 @@ def test_export_command_fuses_a_lora_into_a_single_file(tiny_fixtures: dict[str,
     merged = load_pipeline(str(out), single_file_config=str(tiny_fixtures["sdxl"]))
     with_lora = apply_checkpoint(load_pipeline(str(tiny_fixtures["sdxl"])), tmp_path / "lora")
     assert np.abs(_images(merged) - _images(with_lora)).max() < 1e-3
+
+
+@pytest.mark.parametrize("weight_name", ["pytorch_lora_weights.safetensors", "lora_kohya.safetensors"])
+def test_saved_lora_with_attention_projection_and_ff_targets_reloads_exactly(
+    tiny_fixtures: dict[str, Path], tmp_path: Path, weight_name: str
+):
+    """Both files reproduce the in-memory adapter when LoRA targets more than attention (the toy demo's modules)."""
+    from workbench.config import ModelSection
+    from workbench.models import save_lora, setup_training_components
+
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+    comps = setup_training_components(
+        ModelSection(
+            source=str(tiny_fixtures["sdxl"]), lora={"rank": 4, "alpha": 2, "target_modules": targets}
+        )
+    )
+    with torch.no_grad():
+        for name, p in comps.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    save_lora(comps.unet, tmp_path / "lora", "sdxl")
+    comps.pipe.unet.eval()
+    in_memory = _images(comps.pipe)
+    reloaded = apply_checkpoint(load_pipeline(str(tiny_fixtures["sdxl"])), tmp_path / "lora" / weight_name)
+    assert np.abs(_images(reloaded) - in_memory).max() < 1e-5

@@ -162,13 +162,6 @@ def add_lora(
         raise ModelLoadError(f"model.lora.target_modules {target_modules}: {exc}") from exc
 
 
-def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights in diffusers' serialisation layout (keys like ``down_blocks...to_q.lora_A.weight``)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-
-    return convert_state_dict_to_diffusers(peft_lora_state_dict(unet))
-
-
 def peft_lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adapter weights with peft keys (``down_blocks...to_q.lora_A.weight``)."""
     from peft.utils import get_peft_model_state_dict
@@ -186,13 +179,14 @@ def save_lora(unet: torch.nn.Module, directory: Path, family: str) -> None:
 
     directory.mkdir(parents=True, exist_ok=True)
     peft_config = unet.peft_config["default"]  # type: ignore[index]
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
+    # peft keys (``X.lora_A.weight``) as they are: diffusers' convert_state_dict_to_diffusers renames only attention
+    # keys, and a file mixing both layouts makes load_lora_weights silently drop the attention adapters.
     peft_state = {
         k: v.detach().to("cpu", torch.float32).contiguous() for k, v in peft_lora_state_dict(unet).items()
     }
     _pipeline_class(family).save_lora_weights(
         str(directory),
-        unet_lora_layers=state,
+        unet_lora_layers=peft_state,
         weight_name=LORA_WEIGHT_NAME,
         unet_lora_adapter_metadata=peft_config.to_dict(),
     )
