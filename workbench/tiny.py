@@ -17,6 +17,7 @@ make each word of ``extra_words`` a single token (the toy world uses this so tha
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,19 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs]))
 
 
+def _bpe(symbols: list[str], ranks: dict[tuple[str, ...], int]) -> list[str]:
+    """Byte-pair encoding of one word: merge the adjacent pair of lowest rank until none is left (CLIP's ``bpe``)."""
+    word = list(symbols)
+    while len(word) > 1:
+        candidates = [pair for pair in itertools.pairwise(word) if pair in ranks]
+        if not candidates:
+            break
+        best = min(candidates, key=ranks.__getitem__)
+        i = next(i for i, pair in enumerate(itertools.pairwise(word)) if pair == best)
+        word[i : i + 2] = [best[0] + best[1]]
+    return word
+
+
 def _open_clip_bpe_path() -> Path:
     import open_clip.tokenizer as oct
 
@@ -97,7 +111,7 @@ def write_clip_tokenizer(
     """Write ``vocab.json`` + ``merges.txt`` (+ tokenizer config) for a ``CLIPTokenizer`` into ``directory``.
 
     The vocabulary is the real CLIP BPE truncated to its first ``n_merges`` merges (so tokenisation of common text is
-    exactly CLIP's), plus one left-to-right merge chain per word of ``extra_words`` that is not already a token.
+    exactly CLIP's), plus, for each word of ``extra_words``, the merges that join its pieces into one token.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -107,16 +121,22 @@ def write_clip_tokenizer(
     base = list(_bytes_to_unicode().values())
     vocab_list = base + [v + "</w>" for v in base] + ["".join(m) for m in merges]
     known = set(vocab_list)
+    ranks = {m: i for i, m in enumerate(merges)}
     for word in extra_words:
-        symbols = [*word[:-1], word[-1] + "</w>"]
-        cur = symbols[0]
-        for sym in symbols[1:]:
-            merged = cur + sym
-            if merged not in known:
-                merges.append((cur, sym))
-                vocab_list.append(merged)
-                known.add(merged)
-            cur = merged
+        # BPE applies merges by rank, so a word's pieces are what the merges so far make of it; appending merges that
+        # join exactly those pieces (lowest priority, applied after everything else) makes the word one token without
+        # changing how any other text, or any earlier extra word, is split.
+        pieces = _bpe([*word[:-1], word[-1] + "</w>"], ranks)
+        cur = pieces[0]
+        for piece in pieces[1:]:
+            merge = (cur, piece)
+            if merge not in ranks:
+                ranks[merge] = len(merges)
+                merges.append(merge)
+            cur = cur + piece
+            if cur not in known:
+                vocab_list.append(cur)
+                known.add(cur)
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
