@@ -253,7 +253,7 @@ def run_eval(
     load: Callable[[Any], Any] | None = None,
 ) -> EvalResult:
     """Generate, score, summarise and report. ``scorers`` (name -> scorer) defaults to
-    ``rewards.build_scorer(name)``; ``load(checkpoint) -> pipeline`` defaults to
+    ``rewards.build_scorer`` of each ``NAME[:key=value,...]`` spec; ``load(checkpoint) -> pipeline`` defaults to
     :func:`samplers.load_pipeline_for` on ``plan.base`` (both injectable for tests)."""
     import torch
 
@@ -263,9 +263,10 @@ def run_eval(
     if not plan.checkpoints:
         raise ValueError("nothing to evaluate: pass at least one checkpoint (e.g. base)")
     if scorers is None:
-        from rewards import build_scorer
+        from rewards import build_scorer, parse_scorer_spec
 
-        scorers = {name: build_scorer(name) for name in plan.scorers}
+        specs = [parse_scorer_spec(spec) for spec in plan.scorers]  # "NAME" or "NAME:key=value,..."
+        scorers = {name: build_scorer(name, **options) for name, options in specs}
     for s in scorers.values():
         if isinstance(s, torch.nn.Module):
             s.to(plan.device).eval()

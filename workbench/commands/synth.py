@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
-    from rewards import build_ensemble, build_scorer
+    from rewards import build_ensemble, build_scorer, parse_scorer_spec
     from samplers import load_pipeline_for, parse_checkpoints
     from samplers.synth import SynthPlan, run_synth
     from workbench.commands.generate import resolve_base, resolve_device, resolve_prompts, sampling_config
@@ -57,11 +57,12 @@ def main(args: argparse.Namespace) -> int:
     device, dtype = resolve_device(args)
     if state.num_processes > 1:
         device = str(state.device)
-    if len(args.scorers) == 1:
-        scorer, scorer_name = build_scorer(args.scorers[0]), args.scorers[0]
+    specs = [parse_scorer_spec(spec) for spec in args.scorers]  # "NAME" or "NAME:key=value,..."
+    if len(specs) == 1:
+        scorer, scorer_name = build_scorer(specs[0][0], **specs[0][1]), specs[0][0]
     else:
-        scorer = build_ensemble(args.scorers, method=args.ensemble)
-        scorer_name = f"ensemble[{args.ensemble}]({','.join(args.scorers)})"
+        scorer = build_ensemble([{"name": n, **o} for n, o in specs], method=args.ensemble)
+        scorer_name = f"ensemble[{args.ensemble}]({','.join(n for n, _ in specs)})"
     if hasattr(scorer, "to"):
         scorer.to(device)
     base = resolve_base(args.base)
