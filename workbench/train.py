@@ -314,7 +314,12 @@ class Trainer:
         rank = self.accelerator.process_index
         self.noise_generator.manual_seed((self.cfg.run.seed * 1_000_003 + rank) * 1_000_033 + step)
 
-    def compute_loss(self, batch: GroupBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def predictions(
+        self, batch: GroupBatch, *, with_reference: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Noise the group (one timestep per group, noise shared by its K images unless configured otherwise), run
+        the policy on all K images in one forward and the reference without gradients. Returns policy and reference
+        predictions and the target, each ``[B, K, C, h, w]``."""
         cfg, acc = self.cfg, self.accelerator
         g = self.noise_generator
         b, k = batch.shape
@@ -343,15 +348,46 @@ class Trainer:
             }
         with acc.autocast():
             pred = self.unet(x_t, t_flat, **cond).sample  # all K images of every group in one forward
-        ref_pred = self._reference_prediction(x_t, t_flat, cond) if self.objective.needs_reference else None
-        kwargs = self.objective_kwargs
-        loss, metrics = self.objective.loss_fn(
+        ref_pred = self._reference_prediction(x_t, t_flat, cond) if with_reference else None
+        return (
             unflatten_groups(pred, k),
             None if ref_pred is None else unflatten_groups(ref_pred, k),
             unflatten_groups(target, k),
-            **kwargs,
         )
-        return loss, metrics
+
+    def compute_loss(self, batch: GroupBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        pred, ref_pred, target = self.predictions(batch, with_reference=self.objective.needs_reference)
+        return self.objective.loss_fn(pred, ref_pred, target, **self.objective_kwargs)
+
+    @torch.no_grad()
+    def implicit_accuracy(self, *, draws: int = 4, batch_size: int = 16, seed: int = 12345) -> float:
+        """Implicit-reward preference accuracy on the cached pairs (Diffusion-DPO paper, Supp. S4.1: the reward
+        difference of two images is ``beta * [(err_ref(w) - err(w)) - (err_ref(l) - err(l))]``, averaged here over
+        ``draws`` fixed (t, eps) draws per pair). Exact ties count half, so a model equal to its reference scores 0.5.
+        """
+        from trainers.base import per_sample_error
+
+        unet = self.accelerator.unwrap_model(self.unet)
+        was_training = unet.training
+        unet.eval()
+        margins = torch.zeros(len(self.cache))
+        try:
+            for d in range(draws):
+                for start in range(0, len(self.cache), batch_size):
+                    idx = list(range(start, min(len(self.cache), start + batch_size)))
+                    self.noise_generator.manual_seed(seed + 1_000_003 * d + start)
+                    batch = self.cache.batch(idx, self.noise_generator, empty_prompt_prob=0.0, hflip=False)
+                    pred, ref, target = self.predictions(batch)
+                    assert ref is not None
+                    gap = per_sample_error(ref[:, :2], target[:, :2]) - per_sample_error(
+                        pred[:, :2], target[:, :2]
+                    )
+                    margins[idx] += (
+                        gap[:, 0] - gap[:, 1]
+                    ).cpu() / draws  # > 0: the policy prefers the winner
+        finally:
+            unet.train(was_training)
+        return float(((margins > 0).float() + 0.5 * (margins == 0).float()).mean())
 
     @torch.no_grad()
     def _reference_prediction(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
