@@ -24,7 +24,7 @@ typecheck: venv
 	$(BIN)/basedpyright
 
 pytest: venv
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=10
 
 test: lint typecheck pytest
 

@@ -200,7 +200,16 @@ def test_ctrl_c_saves_a_checkpoint_then_exits(workdir: Path):
     args = ["train.max_steps=400", "train.checkpoint_every=1000", "validation.prompts=[]", "run.name=ctrl_c"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "workbench", "train", cfg_path, *args, "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # A shell's background job (CI) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler;
+    # restore the default so the child behaves as in a terminal.
+    proc = subprocess.Popen(
+        cmd,
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     metrics = workdir / "runs" / "ctrl_c" / "metrics.jsonl"
     deadline = time.time() + 240
     while (
