@@ -110,12 +110,10 @@ class AdamW(_Strict):
     eps: float = 1e-8
 
 
-class AdamW8bit(_Strict):
-    name: Literal["adamw_8bit"] = "adamw_8bit"
-    lr: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(1e-2, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+class AdamW8bit(AdamW):
+    """bitsandbytes' 8-bit AdamW (optimizer states in 8 bit); the same fields as AdamW."""
+
+    name: Literal["adamw_8bit"] = "adamw_8bit"  # type: ignore[assignment]
 
 
 class Adafactor(_Strict):
