@@ -48,6 +48,25 @@ class Scorer(torch.nn.Module):
             raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts")
         return self.score(images, list(prompts))
 
+    def _hold_model(
+        self,
+        model: torch.nn.Module,
+        *,
+        device: str | torch.device | None,
+        dtype: str | torch.dtype | None,
+        batch_size: int,
+        differentiable: bool,
+    ) -> None:
+        """Shared set-up of the model scorers: validate options, freeze the model, move it to ``device``."""
+        target = resolve_device(device)
+        self.dtype_option = dtype
+        resolve_dtype(dtype, target)  # validate now, resolve per call (the scorer may be moved with .to())
+        self.batch_size = check_batch_size(batch_size)
+        self.differentiable = bool(differentiable)
+        self.model = model.eval().requires_grad_(False)
+        if target.type != "meta":
+            self.model.to(target)
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # helpers shared by the model scorers: device / dtype options, autocast, batching, a text-embedding cache

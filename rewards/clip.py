@@ -25,7 +25,6 @@ from rewards.base import (
     Scorer,
     TextEmbeddingCache,
     autocast,
-    check_batch_size,
     chunks,
     resolve_device,
     resolve_dtype,
@@ -130,14 +129,9 @@ class OpenClipScorer(Scorer):
         differentiable: bool = False,
     ) -> None:
         super().__init__()
-        target = resolve_device(device)
-        self.dtype_option = dtype
-        resolve_dtype(dtype, target)  # validate now, resolve per call (the scorer may be moved with .to())
-        self.batch_size = check_batch_size(batch_size)
-        self.differentiable = bool(differentiable)
-        self.model = model.eval().requires_grad_(False)
-        if target.type != "meta":
-            self.model.to(target)
+        self._hold_model(
+            model, device=device, dtype=dtype, batch_size=batch_size, differentiable=differentiable
+        )
         self.tokenizer = tokenizer
         self.image_size, self.resize_mode = int(image_size), resize_mode
         self.mean, self.std = tuple(mean), tuple(std)
