@@ -56,23 +56,17 @@ def environment_info() -> dict[str, Any]:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             versions[pkg] = None
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=False,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"],
-            capture_output=True,
-            text=True,
-            check=False,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-    except OSError:
-        rev, dirty = "", ""
+
+    def git(*args: str) -> str:
+        try:
+            out = subprocess.run(
+                ["git", *args], capture_output=True, text=True, check=False, cwd=Path(__file__).parent
+            )
+        except OSError:
+            return ""
+        return out.stdout.strip()
+
+    rev, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain")
     return {
         "python": sys.version.split()[0],
         "packages": versions,
