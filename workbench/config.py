@@ -8,6 +8,7 @@ merged on top; the result is validated by pydantic v2 models with ``extra="forbi
 from __future__ import annotations
 
 import difflib
+import types
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -234,34 +235,82 @@ class ConfigError(ValueError):
 
 def _allowed_fields(loc: tuple[Any, ...], data: Any) -> list[str] | None:
     """Field names allowed at ``loc`` (the parent of an unknown key), following discriminated unions by ``name``."""
+    model, _ = _model_at(loc, data)
+    return list(model.model_fields) if model is not None else None
+
+
+def _model_at(loc: tuple[Any, ...], data: Any) -> tuple[type[BaseModel] | None, list[type[BaseModel]]]:
+    """The model at ``loc`` (unions resolved by the ``name`` in ``data``) and, when ``loc`` is a discriminated union,
+    all of its variants (else ``[]``)."""
     model: Any = RunConfig
     node = data
+    variants: list[type[BaseModel]] = []
     for part in loc:
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            return None
+            return None, []
         field = model.model_fields.get(str(part))
         if field is None:
-            return None
+            return None, []
         node = node.get(part) if isinstance(node, dict) else None
+        variants = _variants(field.annotation)
         model = _resolve(field.annotation, node)
     if isinstance(model, type) and issubclass(model, BaseModel):
-        return list(model.model_fields)
+        return model, variants
+    return None, []
+
+
+def _members(annotation: Any) -> list[Any]:
+    """The types a field may hold: unions (``Union[A, B]``, ``A | B``, ``Optional``) and ``Annotated`` flattened,
+    ``None`` left out."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _members(get_args(annotation)[0])
+    if origin is Union or origin is types.UnionType:
+        return [m for a in get_args(annotation) if a is not type(None) for m in _members(a)]
+    return [annotation]
+
+
+def _variants(annotation: Any) -> list[type[BaseModel]]:
+    """The members of a union tagged by ``name`` (``[]`` for anything else)."""
+    members = _members(annotation)
+    return [m for m in members if _tag(m) is not None] if len(members) > 1 else []
+
+
+def _tag(model: Any) -> str | None:
+    if isinstance(model, type) and issubclass(model, BaseModel) and "name" in model.model_fields:
+        return model.model_fields["name"].default
     return None
 
 
 def _resolve(annotation: Any, node: Any) -> Any:
-    origin = get_origin(annotation)
-    if origin is Annotated:
-        return _resolve(get_args(annotation)[0], node)
-    if origin is Union or str(origin) == "types.UnionType":
-        options = [a for a in get_args(annotation) if a is not type(None)]
-        name = node.get("name") if isinstance(node, dict) else None
-        for opt in options:
-            if isinstance(opt, type) and issubclass(opt, BaseModel) and "name" in opt.model_fields:
-                if opt.model_fields["name"].default == name:
-                    return opt
-        return options[0] if len(options) == 1 else None
-    return annotation
+    """The model a field holds, choosing a union member by the ``name`` in ``node``."""
+    members = _members(annotation)
+    if len(members) == 1:
+        return members[0]
+    name = node.get("name") if isinstance(node, dict) else None
+    return next((m for m in members if _tag(m) is not None and _tag(m) == name), None)
+
+
+def _unknown_key_message(parent: tuple[Any, ...], key: str, data: Any) -> str:
+    """``a.b.key: unknown key...`` with a close match, and for union variants the variant's keys, which other
+    variants do have the key, and the two ways out (delete it with ``~a.b.key``, or choose such a variant)."""
+    path = ".".join(str(p) for p in (*parent, key))
+    model, variants = _model_at(parent, data)
+    allowed = list(model.model_fields) if model is not None else []
+    hint = difflib.get_close_matches(key, allowed, n=1)
+    did = f" Did you mean {'.'.join(map(str, [*parent, hint[0]]))!r}?" if hint else ""
+    tag = _tag(model)
+    if not variants or tag is None:
+        return f"{path}: unknown key.{did} Allowed keys here: {', '.join(allowed)}."
+    where = ".".join(str(p) for p in parent)
+    owners = [str(_tag(v)) for v in variants if key in v.model_fields]
+    msg = f"{path}: unknown key for {where} {tag!r}.{did}"
+    if owners:
+        msg += (
+            f" {key} belongs to {' / '.join(owners)}: remove it with ~{path}, or choose "
+            f"{where}.name={' / '.join(owners)}."
+        )
+    return msg + f" Allowed keys for {tag}: {', '.join(allowed)}."
 
 
 def format_validation_error(err: ValidationError, data: Any) -> str:
@@ -279,10 +328,7 @@ def format_validation_error(err: ValidationError, data: Any) -> str:
         path = ".".join(str(p) for p in clean) or "(root)"
         value = e.get("input")
         if e["type"] == "extra_forbidden":
-            allowed = _allowed_fields(tuple(clean[:-1]), data) or []
-            hint = difflib.get_close_matches(str(clean[-1]), allowed, n=1)
-            did = f" Did you mean {'.'.join(map(str, [*clean[:-1], hint[0]]))!r}?" if hint else ""
-            lines.append(f"{path}: unknown key.{did} Allowed keys here: {', '.join(allowed)}.")
+            lines.append(_unknown_key_message(tuple(clean[:-1]), str(clean[-1]), data))
         elif e["type"] == "missing":
             lines.append(f"{path}: required field is missing.")
         elif e["type"] == "union_tag_invalid":
@@ -315,6 +361,9 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     try:
         merged = OmegaConf.load(path)
         for item in overrides:
+            if item.startswith("~"):
+                _delete_key(merged, item)
+                continue
             key, sep, raw = item.partition("=")
             if not sep or not key:
                 raise ConfigError(
@@ -329,6 +378,25 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{path}: could not parse YAML/overrides: {exc}") from exc
     return validate_data(data, source=str(path))
+
+
+def _delete_key(merged: Any, item: str) -> None:
+    """``~a.b.c`` removes ``c`` from ``a.b`` (Hydra's spelling), e.g. a key the newly chosen variant lacks."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    key = item[1:]
+    if "=" in key or not key:
+        raise ConfigError(
+            f"override {item!r}: a deletion takes a key and no value, e.g. ~scheduler.warmup_steps"
+        )
+    parent_key, _, last = key.rpartition(".")
+    parent = OmegaConf.select(merged, parent_key) if parent_key else merged
+    if isinstance(parent, DictConfig) and last in parent:
+        del parent[last]
+    elif isinstance(parent, ListConfig) and last.isdigit() and int(last) < len(parent):
+        del parent[int(last)]
+    else:
+        raise ConfigError(f"override {item!r}: {key} is not set, so there is nothing to delete")
 
 
 def validate_data(data: Any, source: str = "<config>") -> RunConfig:
