@@ -84,13 +84,82 @@ def test_win_rate_on_known_counts() -> None:
 def test_summary_and_table() -> None:
     rng = np.random.default_rng(0)
     b = rng.random(100)
-    s = summarise({"base": {"r": b}, "tuned": {"r": b + 0.1}}, n_boot=500)
-    assert s["vs_base"]["tuned"]["r"]["win_rate"]["wins"] == 100
-    assert s["vs_base"]["tuned"]["r"]["delta"]["estimate"] == pytest.approx(0.1)
+    prompts = np.repeat([f"p{i}" for i in range(10)], 10)
+    s = summarise({"base": {"r": b}, "tuned": {"r": b + 0.1}}, prompts=prompts, n_boot=500)
+    assert s["clustered_by"] == "prompt" and (s["n_prompts"], s["n_items"]) == (10, 100)
+    v = s["vs_base"]["tuned"]["r"]
+    assert v["item_win_rate"]["wins"] == 100 and v["prompt_win_rate"]["wins"] == 10
+    assert v["delta"]["estimate"] == pytest.approx(0.1)
     text = format_table(s)
-    assert "tuned" in text and "+0.100 [+0.100, +0.100]" in text and "100/0/0" in text
+    assert "tuned" in text and "+0.100 [+0.100, +0.100]" in text and "10/0/0" in text and "100/0/0" in text
+    # the prompt-clustered figures come first and are labelled; the per-item ones after, named as such
+    assert "prompt-clustered" in text and "seeds treated as independent" in text
+    assert text.index("prompt-clustered") < text.index("seeds treated as independent")
     with pytest.raises(ValueError, match="equal length"):
         win_rate(np.zeros(3), np.zeros(4))
+
+
+def test_summary_without_prompts_says_items_are_treated_as_independent() -> None:
+    b = np.random.default_rng(0).random(30)
+    s = summarise({"base": {"r": b}, "tuned": {"r": b + 0.1}}, n_boot=200)
+    assert s["clustered_by"] == "item" and s["n_prompts"] == 30
+    assert "no prompt labels" in format_table(s)
+
+
+def test_summary_and_table_with_one_prompt() -> None:
+    """One prompt x 13 seeds: estimates, undefined clustered intervals, and a message pointing at the cause."""
+    b = np.random.default_rng(0).random(13)
+    s = summarise({"base": {"r": b}, "tuned": {"r": b + 0.1}}, prompts=["a cat"] * 13, n_boot=200)
+    text = format_table(s)
+    assert "+0.100 [n/a]" in text and "1 prompt" in text and "at least 2 prompts" in text
+
+
+def _demo_like_summary(guard_shift: float) -> dict:
+    """24 prompts x 13 seeds. The target gains 0.3 plus a prompt effect (sd 0.3: a few prompts lose) plus seed
+    noise; the guard-rail moves by ``guard_shift`` plus a prompt effect built of +-v pairs, so its mean difference is
+    exactly ``guard_shift``."""
+    rng = np.random.default_rng(2)
+    prompts = np.repeat([f"p{i}" for i in range(24)], 13)
+    base_t, base_g = rng.random(312), rng.random(312)
+    gain = 0.3 + np.repeat(rng.normal(0, 0.3, 24), 13) + rng.normal(0, 0.1, 312)
+    v = rng.normal(0, 0.1, 12)
+    guard = guard_shift + np.repeat(np.concatenate([v, -v]), 13)
+    scores = {
+        "base": {"toy/centering": base_t, "toy/fidelity": base_g},
+        "dpo": {"toy/centering": base_t + gain, "toy/fidelity": base_g + guard},
+    }
+    return summarise(scores, prompts=prompts, n_boot=500)
+
+
+def test_demo_claim_uses_the_prompt_clustered_figures() -> None:
+    from workbench.commands.demo import format_claim
+
+    s = _demo_like_summary(-0.12)
+    v = s["vs_base"]["dpo"]["toy/centering"]
+    d, w = v["delta"], v["prompt_win_rate"]
+    text = format_claim(s, "dpo")
+    assert (
+        f"toy/centering: {d['estimate']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] (prompt-clustered 95% CI), "
+        f"per-prompt win rate {w['rate']:.2f} [{w['bootstrap']['low']:.2f}, {w['bootstrap']['high']:.2f}]"
+    ) in text
+    assert f"sign test over 24 prompts p={w['p_sign']:.2g}" in text
+    g = s["vs_base"]["dpo"]["toy/fidelity"]["delta"]
+    assert f"guard-rail toy/fidelity: {g['estimate']:+.2f} [{g['low']:+.2f}, {g['high']:+.2f}]" in text
+    assert "significant loss" in text and "NOT" not in text
+    quiet = format_claim(_demo_like_summary(0.0), "dpo")
+    assert "guard-rail toy/fidelity" in quiet and "no significant change" in quiet
+
+
+def test_demo_claim_with_one_prompt_does_not_crash() -> None:
+    from workbench.commands.demo import format_claim
+
+    b = np.random.default_rng(0).random(13)
+    scores = {
+        "base": {"toy/centering": b, "toy/fidelity": b},
+        "dpo": {"toy/centering": b + 0.1, "toy/fidelity": b},
+    }
+    text = format_claim(summarise(scores, prompts=["a cat"] * 13, n_boot=100), "dpo")
+    assert "n/a" in text and "NOT established" in text
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -127,9 +196,16 @@ def test_run_eval_reports_and_reuses_cached_base_images(
     assert loads == ["base", "same"]
     report = json.loads(first.json_path.read_text())
     assert report["plan"]["n_items"] == 6
-    w = report["vs_base"]["same"]["brightness"]["win_rate"]
-    assert w["ties"] == 6 and report["vs_base"]["same"]["brightness"]["delta"]["estimate"] == 0
-    assert first.grid_path.is_file() and "<table>" in first.html_path.read_text()
+    v = report["vs_base"]["same"]["brightness"]
+    assert (
+        v["item_win_rate"]["ties"] == 6 and v["prompt_win_rate"]["ties"] == 2 and v["delta"]["estimate"] == 0
+    )
+    assert report["clustered_by"] == "prompt" and report["n_prompts"] == 2
+    assert v["per_item"]["label"] == "per item, seeds treated as independent"
+    assert report["plan"]["bootstrap"]["resamples"].startswith("prompts")
+    page = first.html_path.read_text()
+    assert first.grid_path.is_file() and "<table>" in page
+    assert page.index("prompt-clustered") < page.index("Secondary: per item, seeds treated as independent")
     assert len((tmp_path / "r1" / "scores.jsonl").read_text().splitlines()) == 12
     # the second evaluation of the same base loads nothing for it and reproduces its numbers bit for bit
     second = run_eval(plan(tmp_path / "r2"), scorers={"brightness": brightness}, load=load)

@@ -112,6 +112,49 @@ def centroid_heatmap(path: Path, panels: dict[str, Any], bins: int = 16, cell: i
     return path
 
 
+def format_claim(summary: dict[str, Any], checkpoint: str, target: str = TARGET, guard: str = GUARD) -> str:
+    """The demo's closing claim from the prompt-clustered figures (``workbench.stats.summarise``): the target's mean
+    difference with its interval, the per-prompt win rate with its interval and the sign test over prompts; then
+    the guard-rail's mean difference and whether its interval excludes 0. A gain "holds across prompts" when the
+    interval of the mean difference is above 0 and that of the per-prompt win rate above 0.5."""
+    from workbench.stats import Interval
+
+    vs = summary["vs_base"][checkpoint]
+    t = vs[target]
+    delta, w = Interval(**t["delta"]), t["prompt_win_rate"]
+    rate = Interval(**w["bootstrap"])
+    decided = w["wins"] + w["losses"]
+    lines = [
+        f"[demo] {target}: {delta.fmt(2, sign=True)} (prompt-clustered 95% CI), per-prompt win rate "
+        f"{rate.fmt(2)} ({w['wins']}/{w['losses']}/{w['ties']} prompts won/lost/tied), sign test over {decided} "
+        f"prompts p={w['p_sign']:.2g}"
+    ]
+    if delta.low > 0 and rate.low > 0.5:
+        lines.append(
+            "[demo] the gain holds across prompts: the mean difference's interval is above 0 and the "
+            "per-prompt win rate's above 0.5"
+        )
+    else:
+        lines.append(
+            "[demo] a gain across prompts is NOT established: an interval's lower end is not above 0 (mean "
+            "difference) or 0.5 (per-prompt win rate), or is undefined"
+        )
+    if guard in vs:
+        g = Interval(**vs[guard]["delta"])
+        if g.high < 0:
+            verdict = "a significant loss (the interval is below 0)"
+        elif g.low > 0:
+            verdict = "a significant gain (the interval is above 0)"
+        elif g.low <= 0 <= g.high:
+            verdict = "no significant change (the interval contains 0)"
+        else:
+            verdict = "significance undefined (no interval)"
+        lines.append(f"[demo] guard-rail {guard}: {g.fmt(2, sign=True)} (prompt-clustered 95% CI): {verdict}")
+    if summary.get("note"):
+        lines.append(f"[demo] note: {summary['note']}")
+    return "\n".join(lines)
+
+
 def main(args: argparse.Namespace) -> int:
     import torch
 
@@ -211,9 +254,7 @@ def main(args: argparse.Namespace) -> int:
         f"guard-rail {GUARD}\n"
     )
     print(format_table(result.summary))
-    w = result.summary["vs_base"][tuned.name][TARGET]["win_rate"]
-    verdict = "above" if w["bootstrap"]["low"] > 0.5 and w["wilson"]["low"] > 0.5 else "NOT above"
-    print(f"\n[demo] {TARGET} win rate {w['rate']:.2f}: the 95% interval's lower end is {verdict} 0.5")
+    print("\n" + format_claim(result.summary, tuned.name))
     print(
         f"[demo] times: pairs {timings['pairs']:.0f} s, train {timings['train']:.0f} s, eval {timings['eval']:.0f} s, "
         f"total {timings['total']:.0f} s ({timings['total'] / 60:.1f} min)"

@@ -1,5 +1,8 @@
-"""``workbench eval``: checkpoints x prompt set x seeds -> images -> scorers -> means with 95% intervals, paired win
-rates against the base (bootstrap + Wilson intervals, sign test), a grid PNG, an HTML report and a JSON file.
+"""``workbench eval``: checkpoints x prompt set x seeds -> images -> scorers -> means with 95% intervals and, against
+the base, the mean difference, the per-prompt and per-item win rates and a sign test over prompts, all clustered by
+prompt (``workbench.stats``: the seeds of a prompt are correlated, so prompts are resampled with all their seeds);
+per-item figures (seeds treated as independent) follow as a secondary table. Also a grid PNG, an HTML report and a
+JSON file.
 
 The base is always evaluated first; its images are cached (key: weights, sampling settings, prompt, seed), so
 evaluating the same base again reuses them bit for bit and only the new checkpoints are generated.
@@ -14,8 +17,11 @@ from pathlib import Path
 from workbench.commands.generate import add_model_arguments, add_prompt_arguments, add_sampling_arguments
 
 MIN_ITEMS = 200  # below ~200 paired items, gains of a few hundredths are not detectable (toyworld.md)
+MIN_PROMPTS = (
+    10  # intervals are clustered by prompt: with fewer prompts they are wide whatever the seed count
+)
 FIRST_EVAL_SEED = 1000  # default eval seeds start here; synth's start at 0, so eval seeds stay held out
-TOY_SCORERS = ("toy/centering", "toy/fidelity")
+TOY_SCORERS: tuple[str, ...] = ("toy/centering", "toy/fidelity")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-cache", action="store_true", help="always regenerate every image")
     parser.add_argument("--grid-items", type=int, default=16, help="columns of the grid PNG")
-    parser.add_argument("--bootstrap", type=int, default=5000, help="bootstrap replicates")
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=5000,  # workbench.stats.N_BOOTSTRAP (not imported here: numpy would slow --help)
+        help="bootstrap replicates (each resamples the prompts, with all their seeds)",
+    )
 
 
 def default_seeds(n_prompts: int, min_items: int = MIN_ITEMS, first: int = FIRST_EVAL_SEED) -> list[int]:
@@ -94,6 +105,11 @@ def main(args: argparse.Namespace) -> int:
     n = len(plan.items)
     if n < MIN_ITEMS:
         print(f"note: {n} (prompt, seed) items; below ~{MIN_ITEMS} only large differences are detectable")
+    if len(prompts) < MIN_PROMPTS:
+        print(
+            f"note: {len(prompts)} prompts; intervals resample prompts (the seeds of a prompt are correlated), so "
+            f"below ~{MIN_PROMPTS} prompts they are wide however many seeds: add prompts rather than seeds"
+        )
     result = run_eval(plan)
     print(format_table(result.summary))
     print(f"\nreport: {result.html_path}\ngrid:   {result.grid_path}\njson:   {result.json_path}")
