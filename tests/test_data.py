@@ -64,12 +64,10 @@ def test_pair_jsonl_and_ranking_jsonl(tmp_path: Path):
         json.dumps({"prompt": "p", "images": ["c.png", "a.png", "b.png"]}) + "\n"
     )
     ranked, _ = read_records(
-        [{"format": "ranking_jsonl", "path": str(tmp_path / "rank.jsonl")}], pairwise=False
+        [{"format": "ranking_jsonl", "path": str(tmp_path / "rank.jsonl")}], group="ranking"
     )
     assert ranked[0].k == 3
-    pairs, _ = read_records(
-        [{"format": "ranking_jsonl", "path": str(tmp_path / "rank.jsonl")}], pairwise=True
-    )
+    pairs, _ = read_records([{"format": "ranking_jsonl", "path": str(tmp_path / "rank.jsonl")}], group="pair")
     assert [Path(p).name for p in pairs[0].images] == ["c.png", "b.png"]  # best vs worst
 
 
@@ -132,4 +130,122 @@ def test_cache_is_reused_and_invalidated_when_the_model_changes(
     batch = first.batch([0, 1, 2], g, empty_prompt_prob=0.0, hflip=False)
     assert batch.latents.shape == (3, 2, 4, 16, 16)
     assert batch.prompt_embeds.shape[0] == 3 and batch.pooled_embeds is not None
-    assert batch.time_ids is not None and batch.time_ids.shape == (3, 6)
+    assert batch.time_ids is not None and batch.time_ids.shape == (3, 2, 6)  # per image
+
+
+# --------------------------------------------------------------------------------- labels, scores and ties
+def _pngs(folder: Path, *names: str) -> None:
+    for i, name in enumerate(names):
+        Image.new("RGB", (16 + 2 * i, 16), (40 * i % 256, 80, 120)).save(folder / name)
+
+
+def _jsonl(path: Path, rows: list[dict]) -> list[dict]:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return [{"format": "ranking_jsonl" if "rank" in path.name else "pair_jsonl", "path": str(path)}]
+
+
+def test_pair_jsonl_soft_labels_become_pref_prob_with_the_preferred_image_first(tmp_path: Path):
+    """pref_prob = max(p0, p1) / (p0 + p1) after ordering: 0.3/0.7 -> 0.7 (b first), 2/6 -> 0.75, 1/0 -> 1."""
+    _pngs(tmp_path, "a.png", "b.png")
+    src = _jsonl(
+        tmp_path / "pairs.jsonl",
+        [
+            {"prompt": "p1", "image_0": "a.png", "image_1": "b.png", "prefer_0": 0.3, "prefer_1": 0.7},
+            {"prompt": "p2", "image_0": "a.png", "image_1": "b.png", "prefer_0": 2, "prefer_1": 6},
+            {"prompt": "p3", "image_0": "a.png", "image_1": "b.png", "prefer_0": 1, "prefer_1": 0},
+            {"prompt": "p4", "image_0": "a.png", "image_1": "b.png", "prefer_0": 0.5, "prefer_1": 0.5},
+            {"prompt": "p5", "image_0": "a.png", "image_1": "b.png", "prefer_0": -1, "prefer_1": 2},
+        ],
+    )
+    records, report = read_records(src)
+    assert [r.prompt for r in records] == ["p1", "p2", "p3"]
+    assert [Path(str(r.images[0])).name for r in records] == ["b.png", "b.png", "a.png"]
+    assert [r.pref_prob for r in records] == pytest.approx([0.7, 0.75, 1.0])
+    assert report.ties_dropped == 1 and [r for r, _ in report.skipped] == ["pairs.jsonl:5"]
+    kept, _ = read_records(src, drop_ties=False)
+    assert kept[3].pref_prob == pytest.approx(0.5) and Path(str(kept[3].images[0])).name == "a.png"
+
+
+def test_pickapic_labels_give_pref_prob_and_synth_scores_are_carried(tmp_path: Path):
+    path = write_tiny_pickapic(tmp_path / "p.parquet", n=4, ties=2)
+    records, _ = read_records([{"format": "pickapic_parquet", "path": str(path)}])
+    assert [r.pref_prob for r in records] == [1.0] * 4 and all(r.scores is None for r in records)
+    kept, _ = read_records([{"format": "pickapic_parquet", "path": str(path)}], drop_ties=False)
+    assert [r.pref_prob for r in kept] == [1.0] * 4 + [0.5] * 2
+    import pyarrow.parquet as pq
+
+    raw = pq.read_table(path).to_pydict()
+    ties = [i for i, lab in enumerate(raw["label_0"]) if lab == 0.5]
+    assert [kept[i].images[0] for i in ties] == [raw["jpg_0"][i] for i in ties]  # tie order as in the file
+    # the columns `workbench synth` adds: score_0 / score_1 follow their images to best-first
+    from samplers.synth import write_pickapic_parquet
+
+    write_pickapic_parquet(
+        tmp_path / "s.parquet",
+        {
+            **{k: raw[k][:2] for k in ("jpg_0", "jpg_1", "caption")},
+            "label_0": [0.0, 1.0],
+            "label_1": [1.0, 0.0],
+            "score_0": [0.1, 0.8],
+            "score_1": [0.9, 0.2],
+        },
+    )
+    synth, _ = read_records([{"format": "pickapic_parquet", "path": str(tmp_path / "s.parquet")}])
+    assert [r.scores for r in synth] == [pytest.approx([0.9, 0.1]), pytest.approx([0.8, 0.2])]
+    assert synth[0].images[0] == raw["jpg_1"][0]
+
+
+def test_ranking_reader_honours_drop_ties(tmp_path: Path):
+    """Best == worst score is a tie for both groupings (scores are best-first, so then every score is equal);
+    partial ties are kept and carried in the scores."""
+    _pngs(tmp_path, "a.png", "b.png", "c.png")
+    rows = [
+        {"prompt": "strict", "images": ["a.png", "b.png", "c.png"], "scores": [3, 2, 1]},
+        {"prompt": "all tie", "images": ["a.png", "b.png", "c.png"], "scores": [2, 2, 2]},
+        {"prompt": "bottom tie", "images": ["a.png", "b.png", "c.png"], "scores": [3, 1, 1]},
+        {"prompt": "pair tie", "images": ["a.png", "b.png"], "scores": [0.5, 0.5]},
+        {"prompt": "no scores", "images": ["a.png", "b.png", "c.png"]},
+        {"prompt": "short", "images": ["a.png", "b.png", "c.png"], "scores": [3, 2]},
+        {"prompt": "unsorted", "images": ["a.png", "b.png", "c.png"], "scores": [1, 2, 3]},
+    ]
+    src = _jsonl(tmp_path / "rank.jsonl", rows)
+    ranked, report = read_records(src, group="ranking")
+    assert [r.prompt for r in ranked] == ["strict", "bottom tie", "no scores"]
+    assert ranked[1].scores == [3, 1, 1] and ranked[1].k == 3 and ranked[2].scores is None
+    assert report.ties_dropped == 2
+    assert [r for r, _ in report.skipped] == ["rank.jsonl:6", "rank.jsonl:7"]
+    pairs, report = read_records(src, group="pair")
+    assert [(r.prompt, r.scores, r.pref_prob) for r in pairs] == [
+        ("strict", [3, 1], 1.0),
+        ("bottom tie", [3, 1], 1.0),
+        ("no scores", None, 1.0),
+    ]
+    assert [Path(str(p)).name for p in pairs[0].images] == ["a.png", "c.png"]
+    assert report.ties_dropped == 2
+    kept, report = read_records(src, group="pair", drop_ties=False)
+    assert [(r.prompt, r.pref_prob) for r in kept][1:4] == [
+        ("all tie", 0.5),
+        ("bottom tie", 1.0),
+        ("pair tie", 0.5),
+    ]
+    assert report.ties_dropped == 0
+
+
+def test_read_records_group_and_min_k(tmp_path: Path):
+    _pngs(tmp_path, "a.png", "b.png", "c.png")
+    src = _jsonl(
+        tmp_path / "rank.jsonl",
+        [
+            {"prompt": "three", "images": ["a.png", "b.png", "c.png"]},
+            {"prompt": "two", "images": ["a.png", "b.png"]},
+        ],
+    )
+    ranked, report = read_records(src, group="ranking", min_k=3)
+    assert [r.k for r in ranked] == [3]
+    assert report.skipped == [("rank.jsonl:2", "2 images; the objective needs groups of >= 3 (min_k)")]
+    with pytest.raises(ValueError, match=r"min_k=3 with group='pair'"):
+        read_records(src, group="pair", min_k=3)
+    with pytest.raises(ValueError, match="group"):
+        read_records(src, group="pairs")  # type: ignore[arg-type]
+    legacy, _ = read_records(src, pairwise=False)  # the old spelling still works
+    assert [r.k for r in legacy] == [3, 2]

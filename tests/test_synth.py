@@ -11,7 +11,7 @@ import torch
 
 from samplers import Checkpoint, SamplingConfig, load_pipeline_for
 from samplers.synth import SynthPlan, preference_pairs, ranking, run_synth, shards_of
-from workbench.data import ReadReport, load_image, read_pickapic_parquet, read_ranking_jsonl
+from workbench.data import ReadReport, load_image, read_pickapic_parquet, read_ranking_jsonl, read_records
 
 
 def test_pairs_and_rankings() -> None:
@@ -88,7 +88,16 @@ def test_synth_writes_pickapic_shards_and_rankings_that_the_trainer_reads(
     ranked = list(read_ranking_jsonl(plan.out_dir / "rankings.jsonl", ReadReport()))
     assert [r.prompt for r in ranked] == prompts
     assert all(r.k == 3 and Path(str(r.images[0])).is_file() for r in ranked)
+    assert all(r.scores is not None and len(r.scores) == 3 for r in ranked)
     assert all(r.scores == sorted(r.scores or [], reverse=True) for r in ranked)
+    # through read_records as the trainer reads it: whole rankings, or (best, worst) pairs with their scores
+    source = [{"format": "ranking_jsonl", "path": str(plan.out_dir / "rankings.jsonl")}]
+    whole, report = read_records(source, group="ranking", min_k=3)
+    assert [r.scores for r in whole] == [r.scores for r in ranked] and not report.skipped
+    pairs, _ = read_records(source, group="pair")
+    assert [r.scores for r in pairs] == [[r.scores[0], r.scores[-1]] for r in ranked if r.scores]
+    assert all(r.pref_prob == 1.0 and r.k == 2 for r in pairs)
+    assert all(r.scores is not None and r.scores[0] > r.scores[1] for r in records)  # parquet score_0/1
 
     # resume: finished shards are skipped and no model is loaded; a different plan refuses the folder
     loads.clear()

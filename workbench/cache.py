@@ -3,12 +3,27 @@
 The diffusers DPO example VAE-encodes both images and runs the text encoders every step; here each group is
 encoded once. Layout::
 
-    {cache.dir}/latents-{vae fingerprint}-{resolution}-{crop}/{group content hash}.safetensors
+    {cache.dir}/latents-{vae fingerprint}-{resolution}-{crop}/{group key}.safetensors
     {cache.dir}/text-{text encoders fingerprint}/{prompt hash}.safetensors
 
-The latent file stores the VAE posterior parameters (mean and log-variance, ``[K, 2C, h, w]``) so that training
-draws a fresh posterior sample each step with its own generator, exactly like the official code's
-``latent_dist.sample()``, at no encoding cost. The text file stores what the pipeline's own ``encode_prompt``
+The group key hashes the image bytes (in group order), the crop mode, the number of crops, whether flipped views
+are stored, and the file layout. A latent file holds, for each crop ``c`` and view ``v`` (0 = as is, 1 = flipped
+horizontally, stored when ``data.hflip``), the VAE posterior parameters ``params_{c}_{v}`` (mean and log-variance,
+``[K, 2C, h, w]``), so that training draws a fresh posterior sample each step with its own generator, exactly like
+the official code's ``latent_dist.sample()``, at no encoding cost; and ``time_ids`` ``[n_crops, n_views, 6]``, the
+SDXL micro-conditioning of each crop and view (the flipped view's crop offset is measured in the flipped image).
+
+Random crops (``data.crop: random``): ``data.random_crops`` crops per group are cut and encoded when the cache is
+built (their offsets drawn from a generator seeded by the group key, so they do not depend on which other groups
+are cached), and every step draws one of them, and the flip, from the batch generator (exact resume).
+
+What a record says about preference (prompt, ``pref_prob``, per-image ``scores``) is not part of the key: it lives
+in the in-memory :class:`CachedItem`, so relabelled data reuses its latents.
+
+Latents are scaled for the UNet as the family's diffusers pipeline undoes when it decodes: SDXL with
+``latents_mean`` / ``latents_std`` in the VAE config, ``x0 = (z - mean) * scaling_factor / std``
+(StableDiffusionXLPipeline decodes ``x0 * std / scaling_factor + mean``); otherwise
+``x0 = (z - shift_factor) * scaling_factor``. The text file stores what the pipeline's own ``encode_prompt``
 returns (SDXL: both encoders' penultimate hidden states concatenated, and the pooled output of the second), so
 training and generation condition identically.
 """
@@ -25,7 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from workbench.batch import GroupBatch
-from workbench.data import DataError, PreferenceRecord, ReadReport, load_image, preprocess_group
+from workbench.data import DataError, PreferenceRecord, ReadReport, load_image, preprocess_crops
 from workbench.models import fingerprint
 
 
@@ -45,8 +60,13 @@ def _image_bytes(src: Any) -> bytes:
         raise DataError(f"cannot read image file {src}: {exc}") from exc
 
 
-def group_key(record: PreferenceRecord, crop: str, hflip: bool) -> str:
-    return _hash_bytes(*(_image_bytes(s) for s in record.images), f"{crop}:{hflip}".encode())
+#: bump when the latent file layout changes, so that files of an older layout are never read as this one
+LAYOUT = "v2"  # v2: params_{crop}_{view} and time_ids [n_crops, n_views, 6]
+
+
+def group_key(record: PreferenceRecord, crop: str, hflip: bool, n_crops: int = 1) -> str:
+    settings = f"{LAYOUT}:{crop}:{n_crops}:{hflip}".encode()
+    return _hash_bytes(*(_image_bytes(s) for s in record.images), settings)
 
 
 def prompt_key(prompt: str) -> str:
@@ -70,7 +90,18 @@ def encode_prompts(pipe: Any, prompts: list[str], family: str) -> dict[str, torc
 class CachedItem:
     latent_file: Path
     prompt: str
-    time_ids: tuple[int, int, int, int, int, int]
+    time_ids: torch.Tensor  # [n_crops, n_views, 6] int64 SDXL micro-conditioning; view 1 = flipped
+    k: int  # images in the group
+    pref_prob: float = 1.0  # P(image 0 preferred over image 1)
+    scores: tuple[float, ...] | None = None  # per image, best-first
+
+    @property
+    def n_crops(self) -> int:
+        return int(self.time_ids.shape[0])
+
+    @property
+    def n_views(self) -> int:
+        return int(self.time_ids.shape[1])
 
 
 class PreferenceCache:
@@ -87,6 +118,7 @@ class PreferenceCache:
         self.latent_dir = root / f"latents-{vae_fp}-{data_cfg.resolution}-{data_cfg.crop}"
         self.text_dir = root / f"text-{text_fp}"
         self.items: list[CachedItem] = []
+        self.has_scores = False  # any item with per-image scores: then every batch carries a scores tensor
         self._text: dict[str, dict[str, torch.Tensor]] = {}
 
     # ---------------------------------------------------------------------------------------------- building
@@ -97,53 +129,61 @@ class PreferenceCache:
 
         self.latent_dir.mkdir(parents=True, exist_ok=True)
         self.text_dir.mkdir(parents=True, exist_ok=True)
-        hflip = self.cfg.hflip
-        todo: list[tuple[PreferenceRecord, Path]] = []
+        hflip, crop, n_crops = self.cfg.hflip, self.cfg.crop, self.cfg.n_crops
+        todo: dict[Path, PreferenceRecord] = {}  # one encode per file, even if several records share it
         keyed: list[tuple[PreferenceRecord, Path]] = []
         for rec in records:
             try:
-                key = group_key(rec, self.cfg.crop, hflip)
+                key = group_key(rec, crop, hflip, n_crops)
             except DataError as exc:
                 report.skip(rec.row_id, str(exc))
                 continue
             path = self.latent_dir / f"{key}.safetensors"
             keyed.append((rec, path))
             if not path.is_file():
-                todo.append((rec, path))
-        rng = np.random.default_rng(0)
-        failed: set[str] = set()
-        batch: list[tuple[PreferenceRecord, Path, torch.Tensor, tuple[int, ...]]] = []
+                todo.setdefault(path, rec)
+        failed: set[Path] = set()
+        pending: list[tuple[Path, list[tuple[torch.Tensor, Any]]]] = []
         bar = tqdm(
             total=len(todo), desc="caching VAE latents", disable=not show_progress or not todo, unit="group"
         )
-        for rec, path in todo:
+        for path, rec in todo.items():
             try:
                 images = [load_image(s) for s in rec.images]
-                pixels, crop = preprocess_group(images, self.cfg.resolution, crop=self.cfg.crop, rng=rng)
+                rng = np.random.default_rng(int(path.stem[:16], 16))  # crops depend on the group only
+                crops = preprocess_crops(images, self.cfg.resolution, crop=crop, n_crops=n_crops, rng=rng)
             except DataError as exc:
                 report.skip(rec.row_id, str(exc))
-                failed.add(rec.row_id)
+                failed.add(path)
                 bar.update(1)
                 continue
-            res = self.cfg.resolution
-            time_ids = (*crop.original_size, *crop.crop_top_left, res, res)
-            batch.append((rec, path, pixels, time_ids))
-            if len(batch) >= 8:
-                self._encode_and_save(batch, hflip)
-                bar.update(len(batch))
-                batch = []
-        if batch:
-            self._encode_and_save(batch, hflip)
-            bar.update(len(batch))
+            pending.append((path, crops))
+            if sum(p.shape[0] for _, cs in pending for p, _ in cs) >= 16:
+                self._encode_and_save(pending, hflip)
+                bar.update(len(pending))
+                pending = []
+        if pending:
+            self._encode_and_save(pending, hflip)
+            bar.update(len(pending))
         bar.close()
+        for rec, path in keyed:  # a record sharing a file with a failed one fails too
+            if path in failed and rec is not todo[path]:
+                report.skip(rec.row_id, "its images do not decode (see the row with the same images)")
         self._check_bad_fraction(report)
-        prompts = sorted({r.prompt for r, _ in keyed if r.row_id not in failed} | {""})
-        self._build_text(prompts)
-        for rec, path in keyed:
-            if rec.row_id in failed:
-                continue
-            meta = _read_meta(path)
-            self.items.append(CachedItem(path, rec.prompt, meta))
+        usable = [(rec, path) for rec, path in keyed if path not in failed]
+        self._build_text(sorted({r.prompt for r, _ in usable} | {""}))
+        for rec, path in usable:
+            self.items.append(
+                CachedItem(
+                    path,
+                    rec.prompt,
+                    _read_time_ids(path),
+                    rec.k,
+                    1.0 if rec.pref_prob is None else float(rec.pref_prob),
+                    tuple(rec.scores) if rec.scores is not None else None,
+                )
+            )
+        self.has_scores = any(item.scores is not None for item in self.items)
         if not self.items:
             raise DataError("no usable preference groups: every row was skipped\n" + report.summary())
 
@@ -155,20 +195,35 @@ class PreferenceCache:
             )
 
     @torch.no_grad()
-    def _encode_and_save(self, batch: list[Any], hflip: bool) -> None:
-        vae = self.pipe.vae
-        k_per = [b[2].shape[0] for b in batch]
-        pixels = torch.cat([b[2] for b in batch]).to(vae.device, vae.dtype)  # [sum K, 3, H, W]
+    def _encode_and_save(
+        self, pending: list[tuple[Path, list[tuple[torch.Tensor, Any]]]], hflip: bool
+    ) -> None:
+        # every crop of every pending group in one stack: [sum over groups of n_crops * K, 3, H, W]
+        pixels = torch.cat([p for _, crops in pending for p, _ in crops])
         views = [pixels, pixels.flip(-1)] if hflip else [pixels]
-        params = [vae.encode(v).latent_dist.parameters.float().cpu() for v in views]  # [N, 2C, h, w]
+        params = [self._posterior(v) for v in views]  # [N, 2C, h, w] each
         start = 0
-        for (_, path, _, time_ids), k in zip(batch, k_per):
-            tensors = {f"params_{i}": p[start : start + k].contiguous() for i, p in enumerate(params)}
-            tensors["time_ids"] = torch.tensor(time_ids, dtype=torch.int64)
+        for path, crops in pending:
+            tensors: dict[str, torch.Tensor] = {}
+            time_ids = []
+            for c, (pix, info) in enumerate(crops):
+                k = pix.shape[0]
+                for v, p in enumerate(params):
+                    tensors[f"params_{c}_{v}"] = p[start : start + k].contiguous()
+                time_ids.append([info.time_ids()] + ([info.flipped().time_ids()] if hflip else []))
+                start += k
+            tensors["time_ids"] = torch.tensor(time_ids, dtype=torch.int64)  # [n_crops, n_views, 6]
             tmp = path.with_suffix(".tmp")
             save_file(tensors, str(tmp))
             tmp.replace(path)  # atomic: a half-written file never looks cached
-            start += k
+
+    def _posterior(self, pixels: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+        vae = self.pipe.vae
+        out = [
+            vae.encode(pixels[i : i + chunk].to(vae.device, vae.dtype)).latent_dist.parameters.float().cpu()
+            for i in range(0, pixels.shape[0], chunk)
+        ]
+        return torch.cat(out)
 
     def _build_text(self, prompts: list[str]) -> None:
         missing = [p for p in prompts if not (self.text_dir / f"{prompt_key(p)}.safetensors").is_file()]
@@ -188,39 +243,73 @@ class PreferenceCache:
     def batch(
         self, indices: list[int], generator: torch.Generator, *, empty_prompt_prob: float, hflip: bool
     ) -> GroupBatch:
-        """Assemble a :class:`GroupBatch`; every random draw comes from ``generator`` (exact resume)."""
+        """Assemble a :class:`GroupBatch`; every random draw comes from ``generator`` (exact resume).
+
+        Per group, in this order: the crop (when more than one is cached), the flip (``hflip`` and flipped views
+        cached), the posterior sample, the empty-prompt draw. Groups smaller than the largest K in the batch are
+        padded with zero latents (``mask`` False there; ``mask`` is None when every group has the same K).
+        """
+        items = [self.items[i] for i in indices]
+        k_max = max(item.k for item in items)
         latents, embeds, pooled, time_ids = [], [], [], []
-        for idx in indices:
-            item = self.items[idx]
-            tensors = load_file(str(item.latent_file))
-            view = 0
-            if hflip and "params_1" in tensors:
-                view = int(torch.randint(0, 2, (1,), generator=generator))
-            mean, logvar = tensors[f"params_{view}"].chunk(2, dim=1)  # [K, C, h, w] each
+        for item in items:
+            crop = int(torch.randint(0, item.n_crops, (1,), generator=generator)) if item.n_crops > 1 else 0
+            view = int(torch.randint(0, 2, (1,), generator=generator)) if hflip and item.n_views > 1 else 0
+            mean, logvar = _load_params(item.latent_file, crop, view).chunk(2, dim=1)  # [K, C, h, w] each
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
             noise = torch.randn(mean.shape, generator=generator)
-            latents.append(mean + std * noise)
+            x0 = self._unet_latents(mean + std * noise)
+            latents.append(torch.cat([x0, x0.new_zeros(k_max - item.k, *x0.shape[1:])]))  # [K_max, C, h, w]
             drop = float(torch.rand((), generator=generator)) < empty_prompt_prob
             text = self._text["" if drop else item.prompt]
             embeds.append(text["prompt_embeds"])
             if "pooled_embeds" in text:
                 pooled.append(text["pooled_embeds"])
-            time_ids.append(tensors["time_ids"])
-        scaling = float(self.pipe.vae.config.scaling_factor)
-        shift = getattr(self.pipe.vae.config, "shift_factor", None) or 0.0
-        x0 = (torch.stack(latents) - shift) * scaling  # [B, K, C, h, w]
+            # the K images of a group share their crop and flip, so their micro-conditioning: [K_max, 6]
+            time_ids.append(item.time_ids[crop, view].expand(k_max, 6))
+        sizes = torch.tensor([item.k for item in items])
+        mask = torch.arange(k_max)[None, :] < sizes[:, None]  # [B, K_max]
+        scores = None
+        if self.has_scores:
+            scores = torch.full((len(items), k_max), float("nan"))
+            for b, item in enumerate(items):
+                if item.scores is not None:
+                    scores[b, : item.k] = torch.tensor(item.scores)
         return GroupBatch(
-            latents=x0,
+            latents=torch.stack(latents),  # [B, K, C, h, w]
             prompt_embeds=torch.stack(embeds),
             pooled_embeds=torch.stack(pooled) if pooled else None,
-            time_ids=torch.stack(time_ids).float() if self.family == "sdxl" else None,
+            time_ids=torch.stack(time_ids).float() if self.family == "sdxl" else None,  # [B, K, 6]
             indices=torch.tensor(indices),
+            mask=None if bool(mask.all()) else mask,
+            pref_prob=torch.tensor([item.pref_prob for item in items], dtype=torch.float32),
+            scores=scores,
         )
 
+    def _unet_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """A VAE posterior sample ``[..., C, h, w]`` scaled for the UNet: the inverse of the pipeline's decode."""
+        config = self.pipe.vae.config
+        scaling = float(config.scaling_factor)
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if self.family == "sdxl" and mean is not None and std is not None:
+            shape = (-1, 1, 1)  # per channel
+            m = torch.tensor(mean, dtype=z.dtype).view(shape)
+            s = torch.tensor(std, dtype=z.dtype).view(shape)
+            return (z - m) * scaling / s
+        shift = getattr(config, "shift_factor", None) or 0.0
+        return (z - shift) * scaling
 
-def _read_meta(path: Path) -> tuple[int, int, int, int, int, int]:
+
+def _load_params(path: Path, crop: int, view: int) -> torch.Tensor:
+    """One crop and view of a group's posterior parameters ``[K, 2C, h, w]`` (only that tensor is read)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        t = f.get_tensor("time_ids")
-    return tuple(int(v) for v in t.tolist())  # type: ignore[return-value]
+        return f.get_tensor(f"params_{crop}_{view}")
+
+
+def _read_time_ids(path: Path) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor("time_ids")

@@ -89,17 +89,49 @@ class CacheSection(_Strict):
 class DataSection(_Strict):
     sources: list[DataSource] = Field(..., min_length=1)
     resolution: int = Field(1024, ge=8, description="Square training resolution (pixels).")
-    crop: Literal["center", "random"] = "center"
-    hflip: bool = Field(False, description="Flip both images of a group together (one draw per group).")
+    crop: Literal["center", "random"] = Field(
+        "center", description="One joint crop for all images of a group; random: see random_crops."
+    )
+    random_crops: int | None = Field(
+        None,
+        ge=1,
+        description="crop=random: random crops cached per group (None = 4), each VAE-encoded once with its own "
+        "SDXL crop offset; every step draws one of them from the batch generator (cost: N x encode time and "
+        "disk). 1 = one crop, drawn when the cache is built. crop=center has exactly one (None or 1).",
+    )
+    hflip: bool = Field(
+        False,
+        description="Flip both images of a group together (one draw per group per step); the flipped view's "
+        "SDXL crop offset is measured in the flipped image.",
+    )
     proportion_empty_prompts: float = Field(0.2, ge=0, le=1, description="Salesforce train.py default 0.2.")
     drop_ties: bool = Field(
-        True, description="Drop Pick-a-Pic ties (label_0 == 0.5), as the official code does."
+        True,
+        description="Drop ties: Pick-a-Pic label_0 == 0.5 (as the official code does), pair JSONL prefer_0 == "
+        "prefer_1, rankings whose best and worst scores are equal. Partial ties in a ranking are kept (the "
+        "scores carry them). Kept ties get pref_prob 0.5.",
     )
     max_bad_fraction: float = Field(
         0.01, ge=0, le=1, description="Stop with an error when more than this fraction of rows is unreadable."
     )
     max_samples: int | None = Field(None, ge=1, description="Use only the first N groups.")
     cache: CacheSection = Field(default_factory=CacheSection)
+
+    @model_validator(mode="after")
+    def _crops(self) -> DataSection:
+        if self.crop == "center" and (self.random_crops or 1) > 1:
+            raise ValueError(
+                f"random_crops={self.random_crops} needs crop=random (a centre crop is always the same); "
+                "set data.crop=random or remove data.random_crops"
+            )
+        return self
+
+    @property
+    def n_crops(self) -> int:
+        """Crops cached per group: ``random_crops`` resolved (4 for random crops unless set, 1 for centre)."""
+        if self.crop == "center":
+            return 1
+        return self.random_crops if self.random_crops is not None else 4
 
 
 # ---------------------------------------------------------------------------------------------------- optimizers

@@ -1,13 +1,24 @@
 """Preference data: one canonical record, readers for the formats users have, image preprocessing.
 
 Canonical record (DESIGN.md "Contracts"): a prompt, K images, best-first (column 0 preferred; for rankings the full
-order), optional per-image captions, scores and a user id. Readers:
+order), the probability that image 0 is preferred over image 1 (soft labels; 1.0 for a hard label), optional
+per-image captions, scores (higher = better) and a user id. Readers:
 
 * Pick-a-Pic v2 parquet (``jpg_0``, ``jpg_1`` bytes, ``label_0``, ``label_1``, ``caption``), a file or a folder of
   shards. Ties (``label_0 == 0.5``) are dropped by default, as the official Diffusion-DPO code does; kept, they
-  become "image 0 wins" pairs like the diffusers example (research/objectives.md section 3.3).
+  keep the file's image order with ``pref_prob = 0.5`` (a hard-label objective reads them as "image 0 wins", like
+  the diffusers example; research/objectives.md section 3.3). ``score_0`` / ``score_1`` columns (what
+  ``workbench synth`` adds) become the record's scores.
 * Image-pair JSONL (``image_0``, ``image_1``, ``prefer_0``, ``prefer_1``, ``prompt``), paths relative to the file.
-* Ranking JSONL (``prompt``, ``images`` best-first, optional ``scores``), what ``workbench synth`` writes.
+  ``prefer_*`` may be soft (0.7 / 0.3, or unnormalised counts such as votes): the preferred image goes first and
+  ``pref_prob = max(p0, p1) / (p0 + p1)``. Equal values are a tie (dropped by default; kept: 0.5, file order).
+* Ranking JSONL (``prompt``, ``images`` best-first, optional ``scores`` best-first, i.e. non-increasing), what
+  ``workbench synth`` writes. A ranking whose best and worst scores are equal (so all of them are) is a tie, dropped
+  by default whether it is used whole or reduced to its (best, worst) pair. Partial ties (``[3, 1, 1]``) are kept:
+  the order among tied images is arbitrary, and the scores carry the tie for an objective that reads them.
+
+:func:`read_records` reads a list of sources and shapes the groups for the objective: ``group="pair"`` reduces each
+ranking to (best, worst), ``group="ranking"`` keeps all K; groups smaller than ``min_k`` are skipped and reported.
 
 Malformed rows are skipped, counted and reported by row id (``file:row``); images that do not decode are caught
 later, when the cache is built, and reported the same way.
@@ -16,16 +27,19 @@ later, when the cache is built, and reported the same way.
 from __future__ import annotations
 
 import io
+import itertools
 import json
+import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 ImageSource = bytes | str  # encoded bytes, or a file path
+Grouping = Literal["pair", "ranking"]
 
 
 @dataclass
@@ -34,8 +48,10 @@ class PreferenceRecord:
     images: list[ImageSource]  # best-first: images[0] is preferred
     row_id: str
     captions: list[str] | None = None
-    scores: list[float] | None = None
+    scores: list[float] | None = None  # per image, best-first (non-increasing), higher = better
     user_id: str | None = None
+    #: P(images[0] preferred over images[1]) in [0.5, 1] (soft labels; 0.5 for a kept tie); None = hard (1.0)
+    pref_prob: float | None = None
 
     @property
     def k(self) -> int:
@@ -90,7 +106,9 @@ def read_pickapic_parquet(
             raise DataError(
                 f"{file}: missing Pick-a-Pic columns {sorted(missing)}; expected jpg_0, jpg_1, label_0, label_1, caption"
             )
-        cols = [c for c in ("jpg_0", "jpg_1", "label_0", "label_1", "caption", "user_id") if c in names]
+        wanted = ("jpg_0", "jpg_1", "label_0", "label_1", "caption", "user_id", "score_0", "score_1")
+        cols = [c for c in wanted if c in names]
+        has_scores = {"score_0", "score_1"} <= names
         row = 0
         for batch in pf.iter_batches(batch_size=256, columns=cols):
             data = batch.to_pydict()
@@ -109,13 +127,24 @@ def read_pickapic_parquet(
                 if label0 not in (0, 0.5, 1):
                     report.skip(rid, f"label_0={label0!r} is not 0, 0.5 or 1")
                     continue
-                if label0 == 0.5:
-                    if drop_ties:
-                        report.ties_dropped += 1
-                        continue
-                images: list[ImageSource] = [img1, img0] if label0 == 0 else [img0, img1]
+                if label0 == 0.5 and drop_ties:
+                    report.ties_dropped += 1
+                    continue
+                swap = label0 == 0
+                images: list[ImageSource] = [img1, img0] if swap else [img0, img1]
+                scores = None
+                if has_scores and data["score_0"][i] is not None and data["score_1"][i] is not None:
+                    s0, s1 = float(data["score_0"][i]), float(data["score_1"][i])
+                    scores = [s1, s0] if swap else [s0, s1]
                 user = data.get("user_id", [None] * batch.num_rows)[i]
-                yield PreferenceRecord(str(caption), images, rid, user_id=None if user is None else str(user))
+                yield PreferenceRecord(
+                    str(caption),
+                    images,
+                    rid,
+                    scores=scores,
+                    user_id=None if user is None else str(user),
+                    pref_prob=0.5 if label0 == 0.5 else 1.0,
+                )
 
 
 def _read_jsonl(path: Path, report: ReadReport) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -154,32 +183,64 @@ def read_pair_jsonl(
         except (KeyError, TypeError, ValueError) as exc:
             report.skip(rid, f"needs prompt, image_0, image_1, prefer_0, prefer_1 ({exc})")
             continue
-        if p0 == p1:
-            if drop_ties:
-                report.ties_dropped += 1
-                continue
+        if not (math.isfinite(p0) and math.isfinite(p1)) or p0 < 0 or p1 < 0:
+            report.skip(rid, f"prefer_0={p0!r}, prefer_1={p1!r}: need finite values >= 0")
+            continue
+        if p0 == p1 and drop_ties:
+            report.ties_dropped += 1
+            continue
         images = [_resolve(path.parent, i0), _resolve(path.parent, i1)]
         if p1 > p0:
             images.reverse()
-        yield PreferenceRecord(str(prompt), list(images), rid, user_id=obj.get("user_id"))
+        pref_prob = max(p0, p1) / (p0 + p1) if p0 + p1 > 0 else 0.5
+        yield PreferenceRecord(str(prompt), images, rid, user_id=obj.get("user_id"), pref_prob=pref_prob)
 
 
-def read_ranking_jsonl(path: str | Path, report: ReadReport, **_: Any) -> Iterator[PreferenceRecord]:
+def read_ranking_jsonl(
+    path: str | Path, report: ReadReport, *, drop_ties: bool = True
+) -> Iterator[PreferenceRecord]:
     path = Path(path)
     for rid, obj in _read_jsonl(path, report):
         images = obj.get("images")
         if not isinstance(obj.get("prompt"), str) or not isinstance(images, list) or len(images) < 2:
             report.skip(rid, "needs 'prompt' (str) and 'images' (list of >= 2 paths, best first)")
             continue
-        scores = obj.get("scores")
+        scores, captions = obj.get("scores"), obj.get("captions")
+        if scores is not None:
+            if not isinstance(scores, list) or len(scores) != len(images):
+                report.skip(rid, f"'scores' must be a list of {len(images)} numbers, one per image")
+                continue
+            try:
+                scores = [float(v) for v in scores]
+            except (TypeError, ValueError):
+                report.skip(rid, "'scores' holds a value that is not a number")
+                continue
+            if not all(math.isfinite(v) for v in scores):
+                report.skip(rid, "'scores' holds a NaN or infinite value")
+                continue
+            if any(b > a for a, b in itertools.pairwise(scores)):
+                report.skip(rid, f"'scores' {scores} are not best-first (non-increasing) like 'images'")
+                continue
+            if scores[0] == scores[-1] and drop_ties:  # best == worst: every image ties
+                report.ties_dropped += 1
+                continue
+        if captions is not None and (not isinstance(captions, list) or len(captions) != len(images)):
+            report.skip(rid, f"'captions' must be a list of {len(images)} strings, one per image")
+            continue
         yield PreferenceRecord(
             obj["prompt"],
             [_resolve(path.parent, p) for p in images],
             rid,
-            captions=obj.get("captions"),
-            scores=[float(s) for s in scores] if isinstance(scores, list) else None,
+            captions=[str(c) for c in captions] if captions is not None else None,
+            scores=scores,
             user_id=obj.get("user_id"),
+            pref_prob=_pref_prob_of_order(scores, 1),
         )
+
+
+def _pref_prob_of_order(scores: list[float] | None, second: int) -> float:
+    """A ranking is a hard preference of images[0] over images[second], unless their scores tie."""
+    return 0.5 if scores is not None and scores[0] == scores[second] else 1.0
 
 
 READERS = {
@@ -190,12 +251,28 @@ READERS = {
 
 
 def read_records(
-    sources: Sequence[Any], *, drop_ties: bool = True, max_samples: int | None = None, pairwise: bool = True
+    sources: Sequence[Any],
+    *,
+    drop_ties: bool = True,
+    max_samples: int | None = None,
+    group: Grouping = "pair",
+    min_k: int = 2,
+    pairwise: bool | None = None,
 ) -> tuple[list[PreferenceRecord], ReadReport]:
     """Read every source (``DataSource`` models or dicts with format/path) into canonical records.
 
-    ``pairwise``: reduce K-wise rankings to (best, worst) pairs, the usual choice for pairwise objectives.
+    ``group="pair"`` reduces K-wise rankings to their (best, worst) pair, the usual choice for pairwise objectives;
+    ``group="ranking"`` keeps all K images. Groups with fewer than ``min_k`` images are skipped and reported.
+    ``drop_ties``: see the module docstring (per format). ``pairwise`` is the old spelling of ``group``.
     """
+    if pairwise is not None:
+        group = "pair" if pairwise else "ranking"
+    if group not in ("pair", "ranking"):
+        raise ValueError(f"group={group!r}: use 'pair' (best vs worst) or 'ranking' (all K images)")
+    if min_k < 2 or (group == "pair" and min_k > 2):
+        raise ValueError(
+            f"min_k={min_k} with group={group!r}: a pair has 2 images; min_k > 2 needs 'ranking'"
+        )
     report = ReadReport()
     records: list[PreferenceRecord] = []
     for src in sources:
@@ -204,14 +281,27 @@ def read_records(
         if fmt not in READERS:
             raise DataError(f"data.sources[].format {fmt!r} unknown; use one of {sorted(READERS)}")
         for rec in READERS[fmt](path, report, drop_ties=drop_ties):
-            if pairwise and rec.k > 2:
-                rec.images = [rec.images[0], rec.images[-1]]
-                rec.scores = [rec.scores[0], rec.scores[-1]] if rec.scores else None
-                rec.captions = [rec.captions[0], rec.captions[-1]] if rec.captions else None
+            if group == "pair" and rec.k > 2:
+                rec = _best_vs_worst(rec)
+            if rec.k < min_k:
+                report.skip(rec.row_id, f"{rec.k} images; the objective needs groups of >= {min_k} (min_k)")
+                continue
             records.append(rec)
             if max_samples is not None and len(records) >= max_samples:
                 return records, report
     return records, report
+
+
+def _best_vs_worst(rec: PreferenceRecord) -> PreferenceRecord:
+    """A ranking reduced to its first and last image (and their captions and scores)."""
+    ends = (0, rec.k - 1)
+    return replace(
+        rec,
+        images=[rec.images[i] for i in ends],
+        captions=[rec.captions[i] for i in ends] if rec.captions else None,
+        scores=[rec.scores[i] for i in ends] if rec.scores else None,
+        pref_prob=_pref_prob_of_order(rec.scores, -1),
+    )
 
 
 # ----------------------------------------------------------------------------------------------- preprocessing
@@ -233,6 +323,67 @@ class CropInfo:
 
     original_size: tuple[int, int]  # (height, width) of the first image before resizing
     crop_top_left: tuple[int, int]  # (top, left)
+    resized_size: tuple[int, int]  # (height, width) after resizing, before cropping
+    target_size: tuple[int, int]  # (height, width) of the crop
+
+    def flipped(self) -> CropInfo:
+        """The same crop of the horizontally flipped image: cropping columns ``[left, left + w)`` and then flipping
+        equals cropping the flipped image at ``new_w - w - left``, and that is the offset the flipped view was cut
+        at."""
+        top, left = self.crop_top_left
+        left = self.resized_size[1] - self.target_size[1] - left
+        return replace(self, crop_top_left=(top, left))
+
+    def time_ids(self) -> tuple[int, int, int, int, int, int]:
+        """SDXL ``add_time_ids``: original size + crop top-left + target size (diffusers ``_get_add_time_ids``)."""
+        return (*self.original_size, *self.crop_top_left, *self.target_size)
+
+
+def _resized(images: Sequence[Any], resolution: int) -> tuple[list[Any], tuple[int, int]]:
+    """Every image resized to the first one's size, then (shorter side) to ``resolution``; and the original size."""
+    from PIL import Image
+
+    w0, h0 = images[0].size
+    scale = resolution / min(w0, h0)
+    new_w, new_h = max(resolution, round(w0 * scale)), max(resolution, round(h0 * scale))
+    out = []
+    for img in images:
+        img = img.resize((w0, h0), Image.BICUBIC) if img.size != (w0, h0) else img
+        out.append(img.resize((new_w, new_h), Image.BILINEAR))
+    return out, (h0, w0)
+
+
+def preprocess_crops(
+    images: Sequence[Any],
+    resolution: int,
+    *,
+    crop: str = "center",
+    n_crops: int = 1,
+    rng: np.random.Generator | None = None,
+) -> list[tuple[torch.Tensor, CropInfo]]:
+    """``n_crops`` joint crops of a group (one resize): each ``[K, 3, res, res]`` in [-1, 1] with its crop.
+    ``crop="random"`` draws each offset from ``rng``; ``"center"`` repeats the one centre crop."""
+    resized, original = _resized(images, resolution)
+    new_w, new_h = resized[0].size
+    gen = rng if rng is not None else np.random.default_rng(0)
+    out = []
+    for _ in range(n_crops):
+        if crop == "random":
+            top = int(gen.integers(0, new_h - resolution + 1))
+            left = int(gen.integers(0, new_w - resolution + 1))
+        else:
+            top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
+        arrays = [
+            torch.from_numpy(
+                np.asarray(img.crop((left, top, left + resolution, top + resolution)), dtype=np.float32)
+                / 127.5
+                - 1.0
+            ).permute(2, 0, 1)
+            for img in resized
+        ]
+        info = CropInfo(original, (top, left), (new_h, new_w), (resolution, resolution))
+        out.append((torch.stack(arrays), info))
+    return out
 
 
 def preprocess_group(
@@ -240,22 +391,4 @@ def preprocess_group(
 ) -> tuple[torch.Tensor, CropInfo]:
     """All images of a group get the same resize and the same crop (diffusers SDXL DPO example: ``jpg_1`` is resized
     to ``jpg_0``'s size, then the stack is cropped jointly). Returns ``[K, 3, res, res]`` in [-1, 1] and the crop."""
-    from PIL import Image
-
-    w0, h0 = images[0].size
-    scale = resolution / min(w0, h0)
-    new_w, new_h = max(resolution, round(w0 * scale)), max(resolution, round(h0 * scale))
-    if crop == "random":
-        gen = rng if rng is not None else np.random.default_rng(0)
-        top = int(gen.integers(0, new_h - resolution + 1))
-        left = int(gen.integers(0, new_w - resolution + 1))
-    else:
-        top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
-    out = []
-    for img in images:
-        img = img.resize((w0, h0), Image.BICUBIC) if img.size != (w0, h0) else img
-        img = img.resize((new_w, new_h), Image.BILINEAR)
-        img = img.crop((left, top, left + resolution, top + resolution))
-        arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-        out.append(arr)
-    return torch.stack(out), CropInfo((h0, w0), (top, left))
+    return preprocess_crops(images, resolution, crop=crop, n_crops=1, rng=rng)[0]
