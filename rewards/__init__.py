@@ -100,14 +100,16 @@ def build_ensemble(
     a ``{name: scorer}`` mapping. ``method``: ``zscore`` | ``rank`` | ``winrate`` (Syn-Pic)."""
     if isinstance(members, Mapping):
         return EnsembleScorer(dict(members), method=method, weights=weights, stats=stats)
-    if all(isinstance(m, Scorer) for m in members):
-        built = {f"{type(m).__name__.lower()}_{i}": m for i, m in enumerate(members)}
-        return EnsembleScorer(built, method=method, weights=weights, stats=stats)  # pyright: ignore[reportArgumentType]
-    if any(isinstance(m, Scorer) for m in members):
+    scorers = [m for m in members if isinstance(m, Scorer)]
+    if len(scorers) == len(members):
+        built = {f"{type(m).__name__.lower()}_{i}": m for i, m in enumerate(scorers)}
+        return EnsembleScorer(built, method=method, weights=weights, stats=stats)
+    if scorers:
         raise ValueError(
             "ensemble members mix built scorers and specs; pass a {name: scorer} mapping instead"
         )
-    return EnsembleScorer.from_options(members, method=method, weights=weights, stats=stats)  # pyright: ignore[reportArgumentType]
+    specs = [m for m in members if not isinstance(m, Scorer)]
+    return EnsembleScorer.from_options(specs, method=method, weights=weights, stats=stats)
 
 
 def parse_scorer_spec(spec: str) -> tuple[str, dict[str, Any]]:

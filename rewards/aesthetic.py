@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from rewards.base import SCORERS, resolve_device
 from rewards.clip import OpenClipScorer, create_open_clip, open_clip_preprocess
+
+if TYPE_CHECKING:
+    from rewards.clip import OpenClipModel
 
 
 class AestheticMLP(torch.nn.Module):
@@ -67,7 +70,7 @@ class AestheticScorer(OpenClipScorer):
     )
     needs_prompt = False
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, mlp: AestheticMLP, **kwargs: Any) -> None:
+    def __init__(self, model: OpenClipModel, tokenizer: Any, mlp: AestheticMLP, **kwargs: Any) -> None:
         super().__init__(model, tokenizer, **kwargs)
         self.mlp = mlp.eval().requires_grad_(False)
         if self.device.type != "meta":
@@ -96,7 +99,7 @@ class AestheticScorer(OpenClipScorer):
         dev = resolve_device(device)
         model, tokenizer = create_open_clip(clip_arch, clip_pretrained, device=dev, option="clip_pretrained")
         size, mode, mean, std = open_clip_preprocess(model)
-        embed_dim = int(model.text_projection.shape[1]) if hasattr(model, "text_projection") else 768  # pyright: ignore[reportAttributeAccessIssue]
+        embed_dim = int(model.text_projection.shape[1]) if hasattr(model, "text_projection") else 768
         mlp = load_aesthetic_mlp(path, input_size=embed_dim)
         return cls(
             model, tokenizer, mlp, image_size=size, resize_mode=mode, mean=mean, std=std, device=dev, dtype=dtype,

@@ -15,7 +15,7 @@ import contextlib
 import os
 import pickle
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,12 @@ from rewards.base import (
     resolve_dtype,
 )
 from rewards.preprocess import OPENAI_MEAN, OPENAI_STD, ResizeMode, clip_pixels
+
+if TYPE_CHECKING:
+    from open_clip import CLIP, CoCa, CustomTextCLIP
+
+    #: the towers ``open_clip.create_model`` builds (it is annotated as returning a plain ``torch.nn.Module``)
+    OpenClipModel: TypeAlias = CLIP | CustomTextCLIP | CoCa
 
 _OPEN_CLIP_MODES: dict[str, ResizeMode] = {
     "shortest": "shortest_crop",
@@ -113,10 +119,11 @@ class OpenClipScorer(Scorer):
     """
 
     supports_grad = True
+    model: OpenClipModel  # set by Scorer._hold_model
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: OpenClipModel,
         tokenizer: Any,
         *,
         image_size: int = 224,
@@ -133,7 +140,8 @@ class OpenClipScorer(Scorer):
             model, device=device, dtype=dtype, batch_size=batch_size, differentiable=differentiable
         )
         self.tokenizer = tokenizer
-        self.image_size, self.resize_mode = int(image_size), resize_mode
+        self.image_size = int(image_size)
+        self.resize_mode: ResizeMode = resize_mode
         self.mean, self.std = tuple(mean), tuple(std)
         self.text_cache = TextEmbeddingCache(self._encode_text)
 
@@ -149,7 +157,7 @@ class OpenClipScorer(Scorer):
     def _encode_text(self, prompts: list[str]) -> torch.Tensor:
         tokens = self.tokenizer(prompts).to(self.device)
         with autocast(self.device, self.compute_dtype):
-            feats = self.model.encode_text(tokens)  # pyright: ignore[reportCallIssue]
+            feats = self.model.encode_text(tokens)
         return F.normalize(feats.float(), dim=-1)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
@@ -162,7 +170,7 @@ class OpenClipScorer(Scorer):
             for sl in chunks(images.shape[0], self.batch_size):
                 pixels = self.preprocess(images[sl].to(self.device))
                 with autocast(self.device, self.compute_dtype):
-                    feats = self.model.encode_image(pixels)  # pyright: ignore[reportCallIssue]
+                    feats = self.model.encode_image(pixels)
                 out.append(F.normalize(feats.float(), dim=-1))
         return torch.cat(out)
 
@@ -182,7 +190,7 @@ class CLIPScore(OpenClipScorer):
         "CLIP score: 100 x cosine(image, prompt) with an open_clip model, clamped at 0; ~15-35 for matches"
     )
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, clamp: bool = True, **kwargs: Any) -> None:
+    def __init__(self, model: OpenClipModel, tokenizer: Any, *, clamp: bool = True, **kwargs: Any) -> None:
         super().__init__(model, tokenizer, **kwargs)
         self.clamp = bool(clamp)
 

@@ -18,7 +18,7 @@ Symbols: ``r_s(i)`` score of image i by scorer s; ``K`` candidates per prompt; `
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
@@ -150,7 +150,8 @@ class EnsembleScorer(Scorer):
 
     @property
     def members(self) -> dict[str, Scorer]:
-        return dict(zip(self.member_names, self.member_modules))  # pyright: ignore[reportReturnType]
+        # a ModuleList yields plain Modules; __init__ filled it from a Mapping[str, Scorer]
+        return dict(zip(self.member_names, cast("list[Scorer]", list(self.member_modules))))
 
     @classmethod
     def from_options(

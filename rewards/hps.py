@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from rewards.base import SCORERS, resolve_device
 from rewards.clip import OpenClipScorer, create_open_clip
 from rewards.preprocess import OPENAI_MEAN, OPENAI_STD
+
+if TYPE_CHECKING:
+    from rewards.clip import OpenClipModel
 
 Scale = Literal["cosine", "benchmark"]
 _SCALES = {"cosine": 1.0, "benchmark": 100.0}
@@ -41,7 +44,7 @@ class HPSScorer(OpenClipScorer):
     checkpoint_name: str = "HPS_v2.1_compressed.pt"
 
     def __init__(
-        self, model: torch.nn.Module, tokenizer: Any, *, scale: Scale = "cosine", **kwargs: Any
+        self, model: OpenClipModel, tokenizer: Any, *, scale: Scale = "cosine", **kwargs: Any
     ) -> None:
         if scale not in _SCALES:
             raise ValueError(
@@ -74,7 +77,7 @@ class HPSScorer(OpenClipScorer):
             )
         dev = resolve_device(device)
         model, tokenizer = create_open_clip(arch, path, device=dev, option="path")
-        size = model.visual.image_size  # pyright: ignore[reportAttributeAccessIssue]
+        size = model.visual.image_size
         size = int(size[0] if isinstance(size, (tuple, list)) else size)
         return cls(
             model, tokenizer, scale=scale, image_size=size, device=dev, dtype=dtype, batch_size=batch_size,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -100,6 +100,13 @@ class PersonalScorer(Scorer):
         "personal Bradley-Terry reward over standardised population scores; logit units (diff = log-odds)"
     )
 
+    # buffers (registered in __init__; declared so that they type as tensors, not Module.__getattr__'s union)
+    weights: torch.Tensor  # [S + k]
+    mean: torch.Tensor  # [S + k]
+    std: torch.Tensor  # [S + k]
+    basis: torch.Tensor  # [k, D], only with an embedder
+    center: torch.Tensor  # [D], only with an embedder
+
     def __init__(
         self,
         members: Mapping[str, Scorer],
@@ -139,7 +146,8 @@ class PersonalScorer(Scorer):
 
     @property
     def members(self) -> dict[str, Scorer]:
-        return dict(zip(self.member_names, self.member_modules))  # pyright: ignore[reportReturnType]
+        # a ModuleList yields plain Modules; __init__ filled it from a Mapping[str, Scorer]
+        return dict(zip(self.member_names, cast("list[Scorer]", list(self.member_modules))))
 
     @property
     def feature_names(self) -> list[str]:
@@ -152,12 +160,12 @@ class PersonalScorer(Scorer):
         cols = [m(images, prompts).float().cpu()[:, None] for m in self.members.values()]
         if self.embedder is not None:
             emb = _embed(self.embedder, images)
-            cols.append((emb - self.center.cpu()) @ self.basis.cpu().T)  # pyright: ignore[reportOperatorIssue]
+            cols.append((emb - self.center.cpu()) @ self.basis.cpu().T)
         return torch.cat(cols, dim=1)
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        phi = (self.features(images, prompts) - self.mean.cpu()) / self.std.cpu()  # pyright: ignore[reportOperatorIssue]
-        return (phi @ self.weights.cpu()).to(images.device)  # pyright: ignore[reportOperatorIssue]
+        phi = (self.features(images, prompts) - self.mean.cpu()) / self.std.cpu()
+        return (phi @ self.weights.cpu()).to(images.device)
 
     # -- fitting ------------------------------------------------------------------------------------------------------
     @staticmethod

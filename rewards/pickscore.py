@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,9 @@ from rewards.base import (
 )
 from rewards.ensemble import softmax_by_group
 from rewards.preprocess import clip_pixels
+
+if TYPE_CHECKING:
+    from transformers import CLIPModel
 
 
 def _embedding(out: Any) -> torch.Tensor:
@@ -74,10 +77,11 @@ class PickScore(Scorer):
         "PickScore: exp(logit_scale) x cosine(image, prompt), CLIP-H fine-tuned on Pick-a-Pic; ~18-23"
     )
     supports_grad = True
+    model: CLIPModel  # set by Scorer._hold_model
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: CLIPModel,
         tokenizer: Any,
         *,
         image_size: int = 224,
@@ -150,7 +154,7 @@ class PickScore(Scorer):
         with autocast(self.device, self.compute_dtype):
             out = self.model.get_text_features(
                 input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]
-            )  # pyright: ignore[reportCallIssue]
+            )
         return F.normalize(_embedding(out).float(), dim=-1)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -165,13 +169,13 @@ class PickScore(Scorer):
                     std=self.std,
                 )
                 with autocast(self.device, self.compute_dtype):
-                    feats = self.model.get_image_features(pixel_values=pixels)  # pyright: ignore[reportCallIssue]
+                    feats = self.model.get_image_features(pixel_values=pixels)
                 out.append(F.normalize(_embedding(feats).float(), dim=-1))
         return torch.cat(out)
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         cos = (self.encode_images(images) * self.text_cache(prompts, self.device)).sum(-1)
-        return self.model.logit_scale.detach().float().exp() * cos  # pyright: ignore[reportAttributeAccessIssue]
+        return self.model.logit_scale.detach().float().exp() * cos
 
     def probabilities(self, images: torch.Tensor, prompts: Sequence[str] | str) -> torch.Tensor:
         """Softmax of PickScore over images that share a prompt: ``[B]``, summing to 1 within each prompt."""
