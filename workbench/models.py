@@ -147,17 +147,22 @@ def add_lora(
     unet: torch.nn.Module, rank: int, alpha: float, target_modules: list[str], dropout: float, init: str
 ) -> None:
     """Attach a peft LoRA adapter named 'default' to the UNet (diffusers' PeftAdapterMixin.add_adapter)."""
+    from diffusers.loaders import PeftAdapterMixin
     from peft import LoraConfig
 
+    if not isinstance(unet, PeftAdapterMixin):
+        raise ModelLoadError(f"LoRA needs a diffusers UNet (PeftAdapterMixin), got {type(unet).__name__}")
     config = LoraConfig(
         r=rank,
-        lora_alpha=alpha,
+        # peft annotates lora_alpha as int but only divides by it (scaling = lora_alpha / r); model.lora.alpha is a
+        # float on purpose (fractional alphas are valid)
+        lora_alpha=alpha,  # pyright: ignore[reportArgumentType]
         lora_dropout=dropout,
         init_lora_weights=True if init == "default" else "gaussian",
         target_modules=target_modules,
     )
     try:
-        unet.add_adapter(config)  # type: ignore[operator]
+        unet.add_adapter(config)
     except ValueError as exc:
         raise ModelLoadError(f"model.lora.target_modules {target_modules}: {exc}") from exc
 
@@ -175,10 +180,14 @@ def save_lora(unet: torch.nn.Module, directory: Path, family: str) -> None:
     The kohya file uses the diffusers module names with the ``lora_unet_`` prefix and explicit ``.alpha`` tensors,
     the layout kohya sd-scripts writes for SD1.5 and that ComfyUI, A1111/Forge and ``load_lora_weights`` all read.
     """
+    from peft import LoraConfig
     from safetensors.torch import save_file
 
+    # peft sets ``peft_config`` (adapter name -> config) on the module when the adapter is injected
+    peft_config = getattr(unet, "peft_config", {}).get("default")
+    if not isinstance(peft_config, LoraConfig):
+        raise ModelLoadError("the UNet has no LoRA adapter named 'default' to save (add it with add_lora)")
     directory.mkdir(parents=True, exist_ok=True)
-    peft_config = unet.peft_config["default"]  # type: ignore[index]
     # peft keys (``X.lora_A.weight``) as they are: diffusers' convert_state_dict_to_diffusers renames only attention
     # keys, and a file mixing both layouts makes load_lora_weights silently drop the attention adapters.
     peft_state = {

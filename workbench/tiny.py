@@ -225,12 +225,13 @@ def build_tiny_components(spec: TinySpec, workdir: str | Path) -> dict[str, Any]
     torch.manual_seed(spec.seed)
     unet = UNet2DConditionModel(**unet_kwargs)
     torch.manual_seed(spec.seed)
+    # diffusers annotates the three per-level tuples as ``Tuple[int]`` / ``Tuple[str]`` (one element); any length works
     vae = AutoencoderKL(
-        block_out_channels=spec.vae_channels,
+        block_out_channels=spec.vae_channels,  # pyright: ignore[reportArgumentType]  # see above
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(spec.vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(spec.vae_channels),
+        down_block_types=("DownEncoderBlock2D",) * len(spec.vae_channels),  # pyright: ignore[reportArgumentType]
+        up_block_types=("UpDecoderBlock2D",) * len(spec.vae_channels),  # pyright: ignore[reportArgumentType]
         latent_channels=spec.latent_channels,
         norm_num_groups=spec.vae_norm_groups,
         layers_per_block=1,

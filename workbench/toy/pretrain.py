@@ -32,7 +32,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -224,7 +224,8 @@ def train_unet(
 
     vae, unet = components["vae"], components["unet"]
     encoders = [components["text_encoder"], components["text_encoder_2"]]
-    scheduler = DDPMScheduler.from_config(components["scheduler"].config)
+    # from_config is inferred as ``Self | tuple[Self, dict]``; the tuple only comes with return_unused_kwargs=True
+    scheduler = cast(DDPMScheduler, DDPMScheduler.from_config(components["scheduler"].config))
     alphas_cumprod = scheduler.alphas_cumprod  # [1000]
     t_pool = time.monotonic()
     means, stds, pidx = _encode_pool(vae, cfg)

@@ -17,7 +17,7 @@ the shape inside the image.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -149,7 +149,7 @@ def parse_prompt(prompt: str) -> dict[str, str | None]:
             background = words[i - 1]
             break
 
-    def first(vocab: Sequence[str] | dict[str, object]) -> str | None:
+    def first(vocab: Collection[str]) -> str | None:
         return next((w for w in words if w in vocab), None)
 
     return {"size": first(SIZES), "colour": first(COLOURS), "shape": first(SHAPES), "background": background}
