@@ -189,7 +189,7 @@ def read_pair_jsonl(
         if p0 == p1 and drop_ties:
             report.ties_dropped += 1
             continue
-        images = [_resolve(path.parent, i0), _resolve(path.parent, i1)]
+        images: list[ImageSource] = [_resolve(path.parent, i0), _resolve(path.parent, i1)]
         if p1 > p0:
             images.reverse()
         pref_prob = max(p0, p1) / (p0 + p1) if p0 + p1 > 0 else 0.5
@@ -348,8 +348,8 @@ def _resized(images: Sequence[Any], resolution: int) -> tuple[list[Any], tuple[i
     new_w, new_h = max(resolution, round(w0 * scale)), max(resolution, round(h0 * scale))
     out = []
     for img in images:
-        img = img.resize((w0, h0), Image.BICUBIC) if img.size != (w0, h0) else img
-        out.append(img.resize((new_w, new_h), Image.BILINEAR))
+        img = img.resize((w0, h0), Image.Resampling.BICUBIC) if img.size != (w0, h0) else img
+        out.append(img.resize((new_w, new_h), Image.Resampling.BILINEAR))
     return out, (h0, w0)
 
 
