@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import io
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -57,16 +58,87 @@ def latent_shape(pipe: Any, cfg: SamplingConfig) -> tuple[int, int, int]:
     return (pipe.unet.config.in_channels, height // f, width // f)
 
 
-def with_sampler(pipe: Any, name: str) -> Any:
-    """A pipeline sharing ``pipe``'s modules but using sampler ``name``; ``pipe`` itself is left unchanged."""
+def with_sampler(pipe: Any, name: str, *, unet: Any = None) -> Any:
+    """A pipeline sharing ``pipe``'s modules but using sampler ``name`` (and ``unet`` instead of its UNet when
+    given: a training policy, a frozen reference); ``pipe`` itself is left unchanged."""
     params = inspect.signature(type(pipe).__init__).parameters
     kwargs = {k: v for k, v in pipe.components.items() if k in params}
     # registered config flags (force_zeros_for_empty_prompt, requires_safety_checker, ...)
     kwargs.update({k: pipe.config[k] for k in params if k not in kwargs and k in pipe.config})
     kwargs["scheduler"] = make_scheduler(name, pipe.scheduler.config)
+    if unet is not None:
+        kwargs["unet"] = unet
     new = type(pipe)(**kwargs)
     new.set_progress_bar_config(disable=True)
     return new
+
+
+def _module_dtype(module: torch.nn.Module) -> torch.dtype | None:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def _cast_floats(x: Any, dtype: torch.dtype) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype) if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: _cast_floats(v, dtype) for k, v in x.items()}  # SDXL added_cond_kwargs
+    if isinstance(x, (list, tuple)):
+        return type(x)(_cast_floats(v, dtype) for v in x)
+    return x
+
+
+@contextmanager
+def matched_dtypes(pipe: Any) -> Iterator[None]:
+    """Run the pipeline with components of different dtypes (an fp32 policy beside bf16 text encoders, a bf16
+    reference UNet, an fp16 VAE): while active, the UNet casts its floating inputs to its own dtype and its output
+    back to the latents' dtype, and the VAE decoder casts its input to its own dtype. Training keeps each component
+    in its configured dtype; the diffusers pipelines otherwise assume they all match ("mat1 and mat2 must have the
+    same dtype")."""
+    handles: list[Any] = []
+
+    def cast_inputs(dtype: torch.dtype) -> Any:
+        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+            return _cast_floats(args, dtype), _cast_floats(kwargs, dtype)
+
+        return hook
+
+    unet = pipe.unet
+    unet_dtype = _module_dtype(unet)
+    if unet_dtype is not None:
+        caller: dict[str, torch.dtype] = {}
+
+        def remember(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            sample_in = args[0] if args else kwargs.get("sample")
+            if isinstance(sample_in, torch.Tensor):
+                caller["dtype"] = sample_in.dtype
+
+        def restore(module: Any, args: Any, kwargs: Any, output: Any) -> Any:
+            dtype = caller.get("dtype")
+            if dtype is None:
+                return output
+            if isinstance(output, tuple):
+                return (output[0].to(dtype), *output[1:])
+            if hasattr(output, "sample"):
+                output.sample = output.sample.to(dtype)
+            return output
+
+        handles.append(unet.register_forward_pre_hook(remember, with_kwargs=True))
+        handles.append(unet.register_forward_pre_hook(cast_inputs(unet_dtype), with_kwargs=True))
+        handles.append(unet.register_forward_hook(restore, with_kwargs=True))
+    vae = pipe.vae
+    for name in ("post_quant_conv", "decoder"):
+        part = getattr(vae, name, None)
+        dtype = None if part is None else _module_dtype(part)
+        if part is not None and dtype is not None:
+            handles.append(part.register_forward_pre_hook(cast_inputs(dtype), with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @torch.no_grad()
@@ -83,17 +155,18 @@ def sample(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], cfg: Samplin
     kwargs: dict[str, Any] = {}
     if cfg.negative_prompt is not None:
         kwargs["negative_prompt"] = [cfg.negative_prompt] * len(prompts)
-    out = pipe(
-        prompt=list(prompts),
-        num_inference_steps=cfg.steps,
-        guidance_scale=cfg.guidance,
-        height=height,
-        width=width,
-        latents=noise.to(pipe.unet.device, pipe.unet.dtype),
-        generator=gens,
-        output_type="pt",
-        **kwargs,
-    )
+    with matched_dtypes(pipe):
+        out = pipe(
+            prompt=list(prompts),
+            num_inference_steps=cfg.steps,
+            guidance_scale=cfg.guidance,
+            height=height,
+            width=width,
+            latents=noise.to(pipe.unet.device, pipe.unet.dtype),
+            generator=gens,
+            output_type="pt",
+            **kwargs,
+        )
     return out.images.float().clamp(0, 1).cpu()
 
 

@@ -24,6 +24,18 @@ def tiny_fixtures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return write_tiny_fixtures(tmp_path_factory.mktemp("tiny"))
 
 
+@pytest.fixture()
+def workdir(tiny_fixtures: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working directory where the relative paths of configs/tiny resolve (.cache/tiny -> the fixtures)."""
+    base = tiny_fixtures["sdxl"].parent.parent
+    (base / ".cache").mkdir(exist_ok=True)
+    link = base / ".cache" / "tiny"
+    if not link.exists():
+        link.symlink_to(tiny_fixtures["sdxl"].parent)
+    monkeypatch.chdir(base)
+    return base
+
+
 @pytest.fixture(autouse=True)
 def _reset_accelerate_state():
     """Accelerate keeps process-wide singletons; reset them so in-process runs do not leak settings."""

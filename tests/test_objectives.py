@@ -85,10 +85,17 @@ def test_pair_weight_scales_beta():
 
 
 def test_bad_layout_is_refused():
-    with pytest.raises(ValueError, match="B, K>=2"):
+    with pytest.raises(ValueError, match=r"pairs \[B, 2, C, H, W\]"):
         diffusion_dpo_loss(
             torch.zeros(2, 4, 8, 8), torch.zeros(2, 4, 8, 8), torch.zeros(2, 4, 8, 8), beta=1.0
         )
+
+
+def test_groups_of_more_than_two_are_refused_not_cut():
+    """The old loss silently used columns 0 and 1 of a K = 3 group (the middle image became the loser)."""
+    policy, ref, target = _group(k=3)
+    with pytest.raises(ValueError, match="reduced to \\(best, worst\\) pairs"):
+        diffusion_dpo_loss(policy, ref, target, beta=1.0)
 
 
 def test_sft_uses_only_the_preferred_column():

@@ -21,18 +21,6 @@ from workbench.train import Trainer
 ROOT = Path(__file__).parents[1]
 
 
-@pytest.fixture()
-def workdir(tiny_fixtures: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A working directory where the relative paths of configs/tiny resolve (.cache/tiny -> the fixtures)."""
-    base = tiny_fixtures["sdxl"].parent.parent
-    (base / ".cache").mkdir(exist_ok=True)
-    link = base / ".cache" / "tiny"
-    if not link.exists():
-        link.symlink_to(tiny_fixtures["sdxl"].parent)
-    monkeypatch.chdir(base)
-    return base
-
-
 def _run(config: str, *overrides: str) -> Trainer:
     trainer = Trainer(load_config(ROOT / config, list(overrides)), show_progress=False)
     trainer.setup()
@@ -108,8 +96,8 @@ def test_sd15_full_dpo_end_to_end(workdir: Path):
 
     trainer = _run("configs/tiny/sd15_dpo_full.yaml", "run.name=e2e_full", "logging.tensorboard=false")
     unet = trainer.accelerator.unwrap_model(trainer.unet)
-    ref = trainer.components.reference
-    assert ref is not None
+    assert trainer.reference is not None
+    ref = trainer.reference.module
     before = {n: p.detach().clone() for n, p in unet.named_parameters()}
     ref_before = {n: p.detach().clone() for n, p in ref.named_parameters()}
     run_dir = trainer.train()
@@ -166,7 +154,6 @@ def test_sigkill_then_resume_matches_uninterrupted_run(workdir: Path):
 
 
 def test_nonfinite_losses_skip_steps_then_stop_keeping_the_last_checkpoint(workdir: Path):
-    from trainers.base import Objective
     from workbench.train import TrainingError
 
     trainer = _run(
@@ -177,7 +164,7 @@ def test_nonfinite_losses_skip_steps_then_stop_keeping_the_last_checkpoint(workd
         "validation.prompts=[]",
         "logging.tensorboard=false",
     )
-    real = trainer.objective.loss_fn
+    real = trainer.loss_fn
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -185,7 +172,7 @@ def test_nonfinite_losses_skip_steps_then_stop_keeping_the_last_checkpoint(workd
         loss, metrics = real(*args, **kwargs)
         return (loss * float("nan") if calls["n"] > 4 else loss), metrics
 
-    trainer.objective = Objective(loss_fn=flaky, config_cls=trainer.objective.config_cls)
+    trainer.loss_fn = flaky
     with pytest.raises(TrainingError, match="3 non-finite losses in a row at step 4"):
         trainer.train()
     assert trainer.counters.nonfinite_total == 3

@@ -22,13 +22,25 @@ Use :func:`beta_from_convention` to translate.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from trainers.base import OBJECTIVES, Objective, per_sample_error
+from trainers.base import (
+    OBJECTIVES,
+    Metrics,
+    Needs,
+    ObjectiveContext,
+    ObjectiveSpec,
+    Predictions,
+    dpo_margin,
+    per_sample_error,
+    require_reference,
+)
+from workbench.batch import GroupBatch
 
 
 class DiffusionDPOConfig(BaseModel):
@@ -69,16 +81,21 @@ def diffusion_dpo_loss(
     pair_weight: torch.Tensor | None = None,
     sft_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Diffusion-DPO loss over groups ``[B, K, C, H, W]`` (column 0 preferred, column 1 dispreferred).
+    """Diffusion-DPO loss over pairs ``[B, 2, C, H, W]`` (column 0 preferred, column 1 dispreferred).
 
     ``pair_weight`` (``[B]``) multiplies beta per pair (SmPO's smoothed-label scale uses this hook).
-    Returns the scalar mean over pairs and detached metrics.
+    Returns the scalar mean over pairs and detached metrics. Groups of K > 2 are refused rather than silently cut
+    to their first two columns: reduce rankings to pairs in the data (``Needs(data="pairs")`` does) or use a
+    ranking objective.
     """
-    if policy_pred.ndim != 5 or policy_pred.shape[1] < 2:
-        raise ValueError(f"expected [B, K>=2, C, H, W] predictions, got {tuple(policy_pred.shape)}")
-    err = per_sample_error(policy_pred[:, :2], target[:, :2])  # [B, 2]
+    if policy_pred.ndim != 5 or policy_pred.shape[1] != 2:
+        raise ValueError(
+            f"diffusion_dpo_loss expects pairs [B, 2, C, H, W], got {tuple(policy_pred.shape)}; K-wise groups must be "
+            "reduced to (best, worst) pairs first, or trained with a ranking objective"
+        )
+    err = per_sample_error(policy_pred, target)  # [B, 2]
     with torch.no_grad():
-        ref_err = per_sample_error(ref_pred[:, :2], target[:, :2])  # [B, 2]
+        ref_err = per_sample_error(ref_pred, target)  # [B, 2]
     model_diff = err[:, 0] - err[:, 1]  # [B]
     ref_diff = ref_err[:, 0] - ref_err[:, 1]  # [B]
     scale = beta if pair_weight is None else beta * pair_weight.float()
@@ -102,4 +119,29 @@ def diffusion_dpo_loss(
     return loss, {k: v.detach() for k, v in metrics.items()}
 
 
-OBJECTIVES.register("diffusion_dpo")(Objective(loss_fn=diffusion_dpo_loss, config_cls=DiffusionDPOConfig))
+def build(
+    cfg: DiffusionDPOConfig, ctx: ObjectiveContext
+) -> Callable[[Predictions, GroupBatch], tuple[torch.Tensor, Metrics]]:
+    """Bind beta (translated to the Salesforce convention for this latent size) and the SFT weight."""
+    c, h, w = ctx.latent_shape
+    beta = beta_from_convention(cfg.beta, cfg.beta_convention, c * h * w)
+
+    def loss(pred: Predictions, batch: GroupBatch) -> tuple[torch.Tensor, Metrics]:
+        ref = require_reference(pred, "diffusion_dpo")
+        return diffusion_dpo_loss(pred.policy, ref, pred.target, beta=beta, sft_weight=cfg.sft_weight)
+
+    return loss
+
+
+OBJECTIVES.register("diffusion_dpo")(
+    ObjectiveSpec(
+        config_cls=DiffusionDPOConfig,
+        build=build,
+        needs=Needs(data="pairs"),
+        noising="forward",
+        reference="base",
+        margin=dpo_margin,
+        progress=("dpo/implicit_acc",),
+        summary="Diffusion-DPO (Wallace et al. 2024), Salesforce train.py loss",
+    )
+)

@@ -6,12 +6,22 @@ the other columns are ignored (they are still in the batch so that SFT and DPO s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from trainers.base import OBJECTIVES, Objective, per_sample_error
+from trainers.base import (
+    OBJECTIVES,
+    Metrics,
+    Needs,
+    ObjectiveContext,
+    ObjectiveSpec,
+    Predictions,
+    per_sample_error,
+)
+from workbench.batch import GroupBatch
 
 
 class SFTConfig(BaseModel):
@@ -28,6 +38,22 @@ def sft_loss(
     return loss, {"mse/policy_w": loss.detach()}
 
 
+def build(
+    cfg: SFTConfig, ctx: ObjectiveContext
+) -> Callable[[Predictions, GroupBatch], tuple[torch.Tensor, Metrics]]:
+    def loss(pred: Predictions, batch: GroupBatch) -> tuple[torch.Tensor, Metrics]:
+        return sft_loss(pred.policy, None, pred.target)
+
+    return loss
+
+
 OBJECTIVES.register("sft")(
-    Objective(loss_fn=sft_loss, config_cls=SFTConfig, needs_reference=False, min_images_per_group=1)
+    ObjectiveSpec(
+        config_cls=SFTConfig,
+        build=build,
+        needs=Needs(data="winners", min_k=1),
+        noising="forward",
+        reference=None,
+        summary="supervised fine-tuning on the preferred images (Diffusion-DPO train.py --sft)",
+    )
 )

@@ -20,11 +20,17 @@ class GroupBatch:
     latents: torch.Tensor  # [B, K, C, h, w]  x0 (a sample of the VAE posterior, scaled for the UNet)
     prompt_embeds: torch.Tensor  # [B, L, D]  shared by the K images of a group
     pooled_embeds: torch.Tensor | None  # [B, P]  SDXL only
-    time_ids: torch.Tensor | None  # [B, K, 6] SDXL micro-conditioning, per image (flip changes the crop offset)
+    time_ids: (
+        torch.Tensor | None
+    )  # [B, K, 6] SDXL micro-conditioning, per image (flip changes the crop offset)
     indices: torch.Tensor  # [B] dataset positions (for reports)
     mask: torch.Tensor | None = None  # [B, K] bool, False = padding; None = every column is real
-    pref_prob: torch.Tensor | None = None  # [B] P(column 0 preferred over column 1) in [0.5, 1]; None = hard labels
-    scores: torch.Tensor | None = None  # [B, K] per-image scores (higher = better, NaN = unknown); None = none given
+    pref_prob: torch.Tensor | None = (
+        None  # [B] P(column 0 preferred over column 1) in [0.5, 1]; None = hard labels
+    )
+    scores: torch.Tensor | None = (
+        None  # [B, K] per-image scores (higher = better, NaN = unknown); None = none given
+    )
 
     @property
     def shape(self) -> tuple[int, int]:

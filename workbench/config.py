@@ -10,10 +10,12 @@ from __future__ import annotations
 import difflib
 import types
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
+from samplers.noising import NOISING
 from trainers import OBJECTIVES
 
 
@@ -66,8 +68,11 @@ class ModelSection(_Strict):
         "fp32", description="fp32 avoids the stock SDXL VAE's fp16 NaNs (diffusers SDXL DPO script)."
     )
     text_encoder_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
-    reference_dtype: Literal["fp32", "fp16", "bf16"] = Field(
-        "bf16", description="Full fine-tune only: dtype of the frozen reference UNet copy."
+    reference_dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto",
+        description="Full fine-tune only: dtype of the frozen reference UNet copy. auto = the policy's compute "
+        "dtype (train.mixed_precision, fp32 without it), as Salesforce train.py casts ref_unet to weight_dtype; "
+        "a lower one saves memory but moves the step-0 DPO logit off 0 (a warning says so).",
     )
 
 
@@ -179,24 +184,12 @@ class Cosine(_Strict):
 Scheduler = Annotated[Constant | ConstantWithWarmup | Cosine, Field(discriminator="name")]
 
 
-class ForwardNoising(_Strict):
-    """q(x_t | x_0): one noise draw and one timestep per group, shared by all K images (Diffusion-DPO)."""
+# Built from the registries, so a new noising method or objective needs only its module and one import.
+Noising = Annotated[
+    Union[tuple(m.config_cls for _, m in NOISING.items())],  # type: ignore[misc]  # noqa: UP007
+    Field(discriminator="name"),
+]
 
-    name: Literal["forward"] = "forward"
-    t_min: int = Field(0, ge=0)
-    t_max: int = Field(1000, ge=1, description="Exclusive upper bound of t ~ U{t_min, t_max - 1}.")
-    share_noise: bool = Field(True, description="Same epsilon for every image of a group (official DPO).")
-
-    @model_validator(mode="after")
-    def _range(self) -> ForwardNoising:
-        if self.t_min >= self.t_max:
-            raise ValueError(f"t_min ({self.t_min}) must be < t_max ({self.t_max})")
-        return self
-
-
-Noising = Annotated[ForwardNoising, Field(discriminator="name")]
-
-# Built from the registry, so a new objective needs only its module and one import in trainers/__init__.py.
 ObjectiveConfig = Annotated[
     Union[tuple(obj.config_cls for _, obj in OBJECTIVES.items())],  # type: ignore[misc]  # noqa: UP007
     Field(discriminator="name"),
@@ -213,6 +206,14 @@ class TrainSection(_Strict):
         description="lr *= grad_accum * batch_size * num_processes (the official launchers' --scale_lr).",
     )
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return (
+            "no" if value is False else value
+        )  # YAML 1.1 reads a bare `no` (also `train.mixed_precision=no`) as false
+
     gradient_checkpointing: bool = False
     max_grad_norm: float | None = Field(1.0, gt=0, description="None disables clipping.")
     attention: Literal["sdpa", "xformers"] = Field(
@@ -232,6 +233,9 @@ class ValidationSection(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0, 1])
     num_inference_steps: int = Field(20, ge=1)
     guidance_scale: float = Field(5.0, ge=0)
+    sampler: str = Field(
+        "euler", description="A registered sampler (workbench ls samplers); images come from samplers.sample."
+    )
     scorers: list[str] = Field(
         default_factory=list, description="Registered scorer names logged as reward/<name>."
     )
@@ -250,7 +254,9 @@ class RunConfig(_Strict):
     objective: ObjectiveConfig  # type: ignore[valid-type]
     optimizer: Optimizer = Field(default_factory=AdamW)
     scheduler: Scheduler = Field(default_factory=Constant)
-    noising: Noising = Field(default_factory=ForwardNoising)
+    noising: Noising | None = Field(  # type: ignore[valid-type]
+        None, description="None = the objective's own noising (its spec's default, e.g. forward for DPO)."
+    )
     train: TrainSection
     validation: ValidationSection = Field(default_factory=ValidationSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
@@ -258,6 +264,38 @@ class RunConfig(_Strict):
     @property
     def run_dir(self) -> Path:
         return Path(self.run.output_dir) / self.run.name
+
+    @model_validator(mode="after")
+    def _objective_matches_data(self) -> RunConfig:
+        """The objective's needs against the data's structure (what the formats can hold); the readers check the
+        rows themselves (K, soft labels, scores) when the data is read."""
+        name = self.objective.name  # type: ignore[attr-defined]
+        needs = OBJECTIVES.get(name).needs
+        for i, src in enumerate(self.data.sources):
+            kind = SOURCE_KINDS[src.format]
+            if needs.data == "rankings" and kind == "pairs":
+                raise ValueError(
+                    f"objective {name} needs rankings with K >= {max(3, needs.min_k)}; data.sources[{i}] is "
+                    f"{src.format} ({kind}). Use ranking_jsonl data (workbench synth writes rankings.jsonl) or a "
+                    "pairwise objective."
+                )
+            if needs.soft_labels and src.format == "pickapic_parquet":
+                raise ValueError(
+                    f"objective {name} needs soft preference labels; data.sources[{i}] is pickapic_parquet, whose "
+                    "labels are 0 / 0.5 / 1. Use pair_jsonl with fractional prefer_0 / prefer_1."
+                )
+        if self.validation.sampler:
+            from samplers.schedulers import SAMPLERS
+
+            if self.validation.sampler not in SAMPLERS:
+                raise ValueError(
+                    f"validation.sampler {self.validation.sampler!r} is not registered; known: {', '.join(SAMPLERS)}"
+                )
+        return self
+
+
+#: what each data format can hold: pairs (two images and a label) or rankings (K >= 2 images, best first).
+SOURCE_KINDS = {"pickapic_parquet": "pairs", "pair_jsonl": "pairs", "ranking_jsonl": "rankings"}
 
 
 # ------------------------------------------------------------------------------------------------------- loading
@@ -431,7 +469,35 @@ def _delete_key(merged: Any, item: str) -> None:
         raise ConfigError(f"override {item!r}: {key} is not set, so there is nothing to delete")
 
 
+_SCHEMA_VERSIONS = (OBJECTIVES.version, NOISING.version)
+
+
+def refresh_schema() -> None:
+    """Rebuild the ``objective`` and ``noising`` unions when their registries changed since import (an objective
+    or noising method registered later, e.g. from a test or a user's own module, needs nothing else)."""
+    global _SCHEMA_VERSIONS
+    current = (OBJECTIVES.version, NOISING.version)
+    if current == _SCHEMA_VERSIONS:
+        return
+    objective = Annotated[
+        Union[tuple(obj.config_cls for _, obj in OBJECTIVES.items())],  # type: ignore[misc]  # noqa: UP007
+        Field(discriminator="name"),
+    ]
+    noising = Annotated[
+        Union[tuple(m.config_cls for _, m in NOISING.items())],  # type: ignore[misc]  # noqa: UP007
+        Field(discriminator="name"),
+    ]
+    RunConfig.model_fields["objective"] = FieldInfo.from_annotation(objective)  # pyright: ignore[reportArgumentType]  # an Annotated union is a valid annotation
+    RunConfig.model_fields["noising"] = FieldInfo.from_annotated_attribute(
+        Optional[noising],  # type: ignore[arg-type]  # noqa: UP045
+        RunConfig.model_fields["noising"],
+    )
+    RunConfig.model_rebuild(force=True)
+    _SCHEMA_VERSIONS = current
+
+
 def validate_data(data: Any, source: str = "<config>") -> RunConfig:
+    refresh_schema()
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:

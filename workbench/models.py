@@ -139,7 +139,6 @@ class Components:
     family: str
     pipe: Any
     unet: torch.nn.Module
-    reference: torch.nn.Module | None  # full fine-tune: frozen copy; LoRA: None (adapters disabled instead)
     prediction_type: str
 
 
@@ -215,11 +214,11 @@ def to_kohya(peft_lora: dict[str, torch.Tensor], alpha: float) -> dict[str, torc
 
 
 def setup_training_components(model_cfg: Any, device: str | torch.device = "cpu") -> Components:
-    """Load the pipeline and prepare the UNet for training (LoRA or full) and its reference.
+    """Load the pipeline and prepare the UNet for training (LoRA or full).
 
-    LoRA: the reference is the same UNet with adapters disabled (no second copy, diffusers DPO example).
-    Full: the reference is a frozen copy in ``reference_dtype`` (Salesforce keeps an fp16 copy).
-    Frozen parts (VAE, text encoders) get their configured dtypes; the trainable UNet stays fp32 (AMP master).
+    The reference model (LoRA disabled, or a frozen copy for full fine-tunes) is the trainer's business
+    (:mod:`workbench.references`). Frozen parts (VAE, text encoders) get their configured dtypes; the trainable
+    UNet stays fp32 (AMP master).
     """
     pipe = load_pipeline(
         model_cfg.source,
@@ -242,21 +241,13 @@ def setup_training_components(model_cfg: Any, device: str | torch.device = "cpu"
     )
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ModelLoadError(f"prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)")
-    reference = None
     if model_cfg.finetune == "lora":
         unet.requires_grad_(False)
         lc = model_cfg.lora
         add_lora(unet, lc.rank, lc.alpha, lc.target_modules, lc.dropout, lc.init)
     else:
-        import copy
-
-        reference = (
-            copy.deepcopy(unet).to(dtype=DTYPES[model_cfg.reference_dtype]).requires_grad_(False).eval()
-        )
         unet.requires_grad_(True)
-    return Components(
-        family=family, pipe=pipe, unet=unet, reference=reference, prediction_type=prediction_type
-    )
+    return Components(family=family, pipe=pipe, unet=unet, prediction_type=prediction_type)
 
 
 # ------------------------------------------------------------------------------------------- applying checkpoints

@@ -15,15 +15,22 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        self.version = 0  # bumped on every change: schemas built from a registry rebuild when it moves
 
     def register(self, name: str) -> Callable[[T], T]:
         def decorator(obj: T) -> T:
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._items[name] = obj
+            self.version += 1
             return obj
 
         return decorator
+
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (tests that register a throw-away entry clean up with this)."""
+        self._items.pop(name, None)
+        self.version += 1
 
     def get(self, name: str) -> T:
         try:

@@ -1,8 +1,13 @@
 """The training loop, in one place: setup -> train -> save -> cleanup (torchtune's recipe idea).
 
-Only this module knows optimizers, accelerators, checkpoints and logging; the objective is a pure function looked up
-in ``trainers.OBJECTIVES``. Multi-GPU runs go through ``accelerate launch -m workbench train CONFIG`` (DDP, DeepSpeed
-and FSDP come from accelerate's own config); nothing distributed is home-made.
+Only this module orchestrates optimizers, the accelerator, checkpoints and logging; everything else is looked up
+from the objective's spec (``trainers.OBJECTIVES``): its loss (built from its config), its needs from the data, its
+default noising (``samplers.noising.NOISING``), its reference (``workbench.references.REFERENCES``), its implicit
+reward margin and its progress metrics. The loop never names an objective. Multi-GPU runs go through
+``accelerate launch -m workbench train CONFIG`` (DDP, DeepSpeed and FSDP come from accelerate's own config);
+nothing distributed is home-made. Pieces with a job of their own live beside it: :mod:`workbench.optim` (optimizers,
+the lr schedule), :mod:`workbench.checkpointing` (cursor, counters, atomic saves), :mod:`workbench.validation`
+(same-seed grids through the one renderer).
 
 Run directory::
 
@@ -13,9 +18,7 @@ Run directory::
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,11 +29,32 @@ from typing import Any
 
 import torch
 
-from trainers import OBJECTIVES
+from samplers.noising import NOISING, NoisingContext
+from trainers import OBJECTIVES, ObjectiveContext, Predictions
+from trainers.base import Needs
 from workbench.batch import GroupBatch, flatten_groups, repeat_per_image, unflatten_groups
+from workbench.checkpointing import (
+    COMPLETE,
+    Counters,
+    DataCursor,
+    list_checkpoints,
+    save_checkpoint,
+    save_final,
+)
 from workbench.config import RunConfig, resolved_yaml
+from workbench.optim import base_lr, build_optimizer, lr_factor, set_lr
+from workbench.references import REFERENCES, reference_dtype, reference_for
+from workbench.validation import Validator, side_by_side_grid
 
-COMPLETE = "COMPLETE"
+__all__ = [
+    "COMPLETE",
+    "Trainer",
+    "TrainingError",
+    "list_checkpoints",
+    "side_by_side_grid",
+    "train",
+    "training_target",
+]
 
 
 class TrainingError(RuntimeError):
@@ -75,95 +99,6 @@ def environment_info() -> dict[str, Any]:
     }
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. A folder without COMPLETE was interrupted while saving."""
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.name.startswith("step_") and (p / COMPLETE).is_file())
-
-
-def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    opt = cfg.optimizer
-    if opt.name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=opt.betas, weight_decay=opt.weight_decay, eps=opt.eps)
-    if opt.name == "adamw_8bit":
-        try:
-            import bitsandbytes as bnb  # type: ignore[import-not-found]
-        except ImportError as exc:
-            raise ValueError("optimizer.name=adamw_8bit needs bitsandbytes: pip install '.[gpu]'") from exc
-        return bnb.optim.AdamW8bit(params, lr=lr, betas=opt.betas, weight_decay=opt.weight_decay, eps=opt.eps)
-    from transformers.optimization import Adafactor
-
-    return Adafactor(
-        params,
-        lr=lr,
-        weight_decay=opt.weight_decay,
-        clip_threshold=opt.clip_threshold,
-        scale_parameter=False,
-        relative_step=False,
-    )
-
-
-def build_lr_lambda(cfg: RunConfig, total_steps: int):
-    sch = cfg.scheduler
-    warmup = getattr(sch, "warmup_steps", 0)
-
-    def fn(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if sch.name == "cosine":
-            progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-            return sch.min_lr_ratio + (1 - sch.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        return 1.0
-
-    return fn
-
-
-class DataCursor:
-    """Deterministic, resumable data order: a fresh permutation per epoch from (seed, epoch); each process takes
-    its own stride of it. ``state_dict`` is saved with every checkpoint (accelerate ``register_for_checkpointing``)."""
-
-    def __init__(self, n: int, seed: int, process_index: int, num_processes: int) -> None:
-        self.n, self.seed, self.rank, self.world = n, seed, process_index, num_processes
-        self.epoch, self.position = 0, 0
-        self._order = self._permutation()
-
-    def _permutation(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
-        return order[self.rank :: self.world] or order
-
-    def take(self, k: int) -> list[int]:
-        out: list[int] = []
-        while len(out) < k:
-            if self.position >= len(self._order):
-                self.epoch, self.position = self.epoch + 1, 0
-                self._order = self._permutation()
-            out.append(self._order[self.position])
-            self.position += 1
-        return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._order = self._permutation()
-
-
-class Counters:
-    def __init__(self) -> None:
-        self.step = 0
-        self.nonfinite_total = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "nonfinite_total": self.nonfinite_total}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step, self.nonfinite_total = int(state["step"]), int(state["nonfinite_total"])
-
-
 def training_target(
     scheduler: Any, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, prediction_type: str
 ) -> torch.Tensor:
@@ -182,7 +117,7 @@ class Trainer:
         self.cfg = cfg
         self.show_progress = show_progress
         self.run_dir = cfg.run_dir
-        self.objective = OBJECTIVES.get(cfg.objective.name)
+        self.spec = OBJECTIVES.get(cfg.objective.name)
 
     # ------------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -217,46 +152,80 @@ class Trainer:
                 if p.requires_grad:
                     p.data = p.data.float()
         if cfg.train.attention == "xformers":
-            comps.unet.enable_xformers_memory_efficient_attention()  # type: ignore[operator]
+            comps.unet.enable_xformers_memory_efficient_attention()  # pyright: ignore[reportCallIssue]  # diffusers ModelMixin method typed as a module attribute
         if cfg.train.gradient_checkpointing:
-            comps.unet.enable_gradient_checkpointing()  # type: ignore[operator]
+            comps.unet.enable_gradient_checkpointing()  # pyright: ignore[reportCallIssue]  # same
+        # from_pretrained returns eval mode: without this, LoRA dropout would be off until the first validation.
+        comps.unet.train()
         self._setup_data()
         from diffusers import DDPMScheduler
 
         self.noise_scheduler = DDPMScheduler.from_config(comps.pipe.scheduler.config)
-        params = [p for p in comps.unet.parameters() if p.requires_grad]
-        self.trainable = params
-        lr = cfg.optimizer.lr
-        if cfg.train.scale_lr:
-            lr *= cfg.train.gradient_accumulation_steps * cfg.train.batch_size * acc.num_processes
-        optimizer = build_optimizer(cfg, params, lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, build_lr_lambda(cfg, cfg.train.max_steps))
-        self.unet, self.optimizer, self.lr_scheduler = acc.prepare(comps.unet, optimizer, scheduler)
+        self.reference = self._build_reference()  # before prepare: a frozen copy is taken of the plain module
+        self.trainable = [p for p in comps.unet.parameters() if p.requires_grad]
+        self.base_lr = base_lr(cfg, acc.num_processes)
+        optimizer = build_optimizer(cfg, self.trainable, self.base_lr)
+        self.unet, self.optimizer = acc.prepare(comps.unet, optimizer)
         self.cursor = DataCursor(len(self.cache), cfg.run.seed, acc.process_index, acc.num_processes)
         self.noise_generator = torch.Generator()
         self.counters = Counters()
         for obj in (self.cursor, self.counters):
             acc.register_for_checkpointing(obj)
         self._register_hooks()
-        if acc.is_main_process:
+        if acc.is_main_process and log_with:
             flat = json.loads(json.dumps(cfg.model_dump(mode="json")))
-            acc.init_trackers("tensorboard", config=_flatten_for_tb(flat)) if log_with else None
+            acc.init_trackers("tensorboard", config=_flatten_for_tb(flat))
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.base_images: list[Any] | None = None
-        self.scorers = self._build_scorers()
-        self.objective_kwargs = self._objective_kwargs()
+        latent_shape = tuple(
+            self.cache.batch(
+                [0], torch.Generator().manual_seed(0), empty_prompt_prob=0, hflip=False
+            ).latents.shape[2:]
+        )
+        context = ObjectiveContext(
+            latent_shape=(int(latent_shape[0]), int(latent_shape[1]), int(latent_shape[2])),
+            prediction_type=comps.prediction_type,
+            scheduler=self.noise_scheduler,
+        )
+        self.loss_fn = self.spec.build(cfg.objective, context)
+        noising_cfg = cfg.noising or NOISING.get(self.spec.noising).config_cls()
+        self.noise_fn = NOISING.get(noising_cfg.name).build(noising_cfg)  # pyright: ignore[reportAttributeAccessIssue]  # every noising config has a name
+        self.validator = Validator(
+            cfg.validation,
+            pipe=comps.pipe,
+            resolution=cfg.data.resolution,
+            autocast=acc.autocast,
+            out_dir=self.run_dir / "validation",
+            scorers=self._build_scorers(),
+        )
+
+    def _build_reference(self) -> Any:
+        cfg, comps = self.cfg, self.components
+        name = reference_for(self.spec.reference, cfg.model.finetune)
+        if name is None:
+            return None
+        dtype = reference_dtype(cfg.model.reference_dtype, cfg.train.mixed_precision)
+        return REFERENCES.get(name)(
+            unet=comps.unet,
+            forward=lambda *a, **k: self.unet(
+                *a, **k
+            ),  # the prepared (DDP/FSDP-wrapped) module, once it exists
+            dtype=dtype,
+            autocast=lambda: self.accelerator.autocast(),
+        )
 
     def _setup_data(self) -> None:
         from workbench.cache import PreferenceCache
         from workbench.data import read_records
 
         cfg, acc = self.cfg, self.accelerator
+        needs = self.spec.needs
         records, report = read_records(
             cfg.data.sources,
             drop_ties=cfg.data.drop_ties,
             max_samples=cfg.data.max_samples,
-            pairwise=self.objective.min_images_per_group <= 2,
+            group="ranking" if needs.data == "rankings" else "pair",
         )
+        check_needs(cfg.objective.name, needs, records)
         self.cache = PreferenceCache(self.components.pipe, self.components.family, cfg.data)
         with acc.main_process_first():
             self.cache.build(records, report, show_progress=self.show_progress and acc.is_local_main_process)
@@ -268,7 +237,8 @@ class Trainer:
             )
 
     def _register_hooks(self) -> None:
-        """accelerate's save_state writes the full UNet by default; for LoRA runs save only the adapter."""
+        """accelerate's save_state writes the full UNet by default; for LoRA runs save only the adapter, from the
+        main process only (the hook runs on every process)."""
         if self.cfg.model.finetune != "lora":
             return
         from peft.utils import set_peft_model_state_dict
@@ -279,6 +249,8 @@ class Trainer:
         def save_hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
             for _ in range(len(weights)):
                 weights.pop()
+            if not self.accelerator.is_main_process:
+                return
             unet = self.accelerator.unwrap_model(self.unet)
             state = {k: v.detach().cpu().contiguous() for k, v in peft_lora_state_dict(unet).items()}
             save_file(state, os.path.join(output_dir, "adapter.safetensors"))
@@ -308,59 +280,68 @@ class Trainer:
         rank = self.accelerator.process_index
         self.noise_generator.manual_seed((self.cfg.run.seed * 1_000_003 + rank) * 1_000_033 + step)
 
-    def predictions(
-        self, batch: GroupBatch, *, with_reference: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Noise the group (one timestep per group, noise shared by its K images unless configured otherwise), run
-        the policy on all K images in one forward and the reference without gradients. Returns policy and reference
-        predictions and the target, each ``[B, K, C, h, w]``."""
-        cfg, acc = self.cfg, self.accelerator
-        g = self.noise_generator
-        b, k = batch.shape
-        device = acc.device
-        x0 = batch.latents.to(device)  # [B, K, C, h, w]
-        nz = cfg.noising
-        t = torch.randint(nz.t_min, nz.t_max, (b,), generator=g)  # one timestep per group
-        if nz.share_noise:
-            eps = torch.randn((b, 1, *x0.shape[2:]), generator=g).expand(
-                -1, k, -1, -1, -1
-            )  # shared by the group
-        else:
-            eps = torch.randn(x0.shape, generator=g)
-        eps = eps.to(device)
-        t_flat = repeat_per_image(t, k).to(device)  # [B*K]
-        x0_flat, eps_flat = flatten_groups(x0), flatten_groups(eps.contiguous())
-        x_t = self.noise_scheduler.add_noise(x0_flat, eps_flat, t_flat)
-        target = training_target(
-            self.noise_scheduler, x0_flat, eps_flat, t_flat, self.components.prediction_type
-        )
+    def _conditioning(self, batch: GroupBatch) -> dict[str, Any]:
+        """UNet conditioning for the flat ``[B*K]`` batch: the group's prompt for each of its K images."""
+        device = self.accelerator.device
+        k = batch.shape[1]
         cond: dict[str, Any] = {"encoder_hidden_states": repeat_per_image(batch.prompt_embeds, k).to(device)}
         if batch.pooled_embeds is not None and batch.time_ids is not None:
             cond["added_cond_kwargs"] = {
                 "text_embeds": repeat_per_image(batch.pooled_embeds, k).to(device),
-                "time_ids": repeat_per_image(batch.time_ids, k).to(device),
+                "time_ids": flatten_groups(batch.time_ids).to(device),  # [B*K, 6]: per image
             }
+        return cond
+
+    def predictions(self, batch: GroupBatch, *, with_reference: bool = True) -> Predictions:
+        """Noise the groups with the objective's noising method, run the policy on all K images of every group in
+        one forward and the reference without gradient. Every tensor of the result is ``[B, K, ...]``."""
+        acc = self.accelerator
+        k = batch.shape[1]
+        x0 = batch.latents.to(acc.device)  # [B, K, C, h, w]
+        cond = self._conditioning(batch)
+
+        @torch.no_grad()
+        def denoiser(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # the policy, for inversion methods
+            with acc.autocast():
+                out = self.unet(flatten_groups(x_t), flatten_groups(t), **cond).sample
+            return unflatten_groups(out.float(), k)
+
+        noised = self.noise_fn(
+            x0,
+            self.noise_generator,
+            NoisingContext(self.noise_scheduler, denoiser, self.components.prediction_type),
+        )
+        x_t, t = flatten_groups(noised.x_t), flatten_groups(noised.t)
+        target = training_target(
+            self.noise_scheduler,
+            flatten_groups(x0),
+            flatten_groups(noised.eps),
+            t,
+            self.components.prediction_type,
+        )
         with acc.autocast():
-            pred = self.unet(x_t, t_flat, **cond).sample  # all K images of every group in one forward
-        ref_pred = self._reference_prediction(x_t, t_flat, cond) if with_reference else None
-        return (
-            unflatten_groups(pred, k),
-            None if ref_pred is None else unflatten_groups(ref_pred, k),
-            unflatten_groups(target, k),
+            pred = self.unet(x_t, t, **cond).sample  # all K images of every group in one forward
+        ref = self.reference.predict(x_t, t, cond) if with_reference and self.reference is not None else None
+        return Predictions(
+            policy=unflatten_groups(pred, k),
+            reference=None if ref is None else unflatten_groups(ref, k),
+            target=unflatten_groups(target, k),
+            t=noised.t,
+            x_t=noised.x_t,
+            x0=x0,
         )
 
     def compute_loss(self, batch: GroupBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        pred, ref_pred, target = self.predictions(batch, with_reference=self.objective.needs_reference)
-        return self.objective.loss_fn(pred, ref_pred, target, **self.objective_kwargs)
+        return self.loss_fn(self.predictions(batch), batch)
 
     @torch.no_grad()
     def implicit_accuracy(self, *, draws: int = 4, batch_size: int = 16, seed: int = 12345) -> float:
-        """Implicit-reward preference accuracy on the cached pairs (Diffusion-DPO paper, Supp. S4.1: the reward
-        difference of two images is ``beta * [(err_ref(w) - err(w)) - (err_ref(l) - err(l))]``, averaged here over
-        ``draws`` fixed (t, eps) draws per pair). Exact ties count half, so a model equal to its reference scores 0.5.
-        """
-        from trainers.base import per_sample_error
-
+        """The objective's implicit-reward preference accuracy on the cached groups: its spec's ``margin``
+        (Diffusion-DPO: paper Supp. S4.1) averaged over ``draws`` fixed noise draws per group, then the fraction of
+        groups with a positive margin. Exact ties count half, so a model equal to its reference scores 0.5."""
+        margin_fn = self.spec.margin
+        if margin_fn is None:
+            raise ValueError(f"objective {self.cfg.objective.name} defines no implicit reward margin")
         unet = self.accelerator.unwrap_model(self.unet)
         was_training = unet.training
         unet.eval()
@@ -371,48 +352,12 @@ class Trainer:
                     idx = list(range(start, min(len(self.cache), start + batch_size)))
                     self.noise_generator.manual_seed(seed + 1_000_003 * d + start)
                     batch = self.cache.batch(idx, self.noise_generator, empty_prompt_prob=0.0, hflip=False)
-                    pred, ref, target = self.predictions(batch)
-                    assert ref is not None
-                    gap = per_sample_error(ref[:, :2], target[:, :2]) - per_sample_error(
-                        pred[:, :2], target[:, :2]
-                    )
                     margins[idx] += (
-                        gap[:, 0] - gap[:, 1]
-                    ).cpu() / draws  # > 0: the policy prefers the winner
+                        margin_fn(self.predictions(batch), batch).cpu() / draws
+                    )  # > 0: prefers column 0
         finally:
             unet.train(was_training)
         return float(((margins > 0).float() + 0.5 * (margins == 0).float()).mean())
-
-    @torch.no_grad()
-    def _reference_prediction(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
-        comps = self.components
-        if comps.reference is not None:  # full fine-tune: frozen reduced-precision copy
-            ref = comps.reference
-            dtype = next(ref.parameters()).dtype
-            cast = {"encoder_hidden_states": cond["encoder_hidden_states"].to(dtype)}
-            if "added_cond_kwargs" in cond:
-                cast["added_cond_kwargs"] = {k: v.to(dtype) for k, v in cond["added_cond_kwargs"].items()}
-            with self.accelerator.autocast():
-                return ref(x_t.to(dtype), t, **cast).sample.float()
-        unet = self.accelerator.unwrap_model(self.unet)
-        unet.disable_adapters()  # the reference is the same UNet without its LoRA (no second copy)
-        try:
-            with self.accelerator.autocast():
-                return self.unet(x_t, t, **cond).sample.float()
-        finally:
-            unet.enable_adapters()
-
-    def _objective_kwargs(self) -> dict[str, Any]:
-        ocfg = self.cfg.objective
-        if ocfg.name == "diffusion_dpo":
-            from trainers.diffusion_dpo import beta_from_convention
-
-            lat = self.cache.batch(
-                [0], torch.Generator().manual_seed(0), empty_prompt_prob=0, hflip=False
-            ).latents
-            beta = beta_from_convention(ocfg.beta, ocfg.beta_convention, int(lat[0, 0].numel()))
-            return {"beta": beta, "sft_weight": ocfg.sft_weight}
-        return {}
 
     # ---------------------------------------------------------------------------------------------- the loop
     def train(self) -> Path:
@@ -436,6 +381,9 @@ class Trainer:
         old_term = signal.signal(signal.SIGTERM, on_term) if _in_main_thread() else None
         nonfinite_in_row = 0
         t_last = time.perf_counter()
+        if self.counters.step == 0 and self.reference is None and acc.is_main_process:
+            # No reference to render the base from later: the policy is still the base now.
+            self.validator.render_base(acc.unwrap_model(self.unet))
         try:
             while self.counters.step < cfg.train.max_steps:
                 if interrupted["flag"]:
@@ -479,11 +427,14 @@ class Trainer:
                     continue
                 nonfinite_in_row = 0
                 grad_norm = None
-                if cfg.train.max_grad_norm is not None and cfg.optimizer.name != "adafactor":
+                # Clipped for every optimizer, Adafactor included: Salesforce train.py L1162-1164 clips unless
+                # --use_adafactor, and its SDXL launcher selects Adafactor through --sdxl (L667), so the published
+                # SDXL run clips at max_grad_norm 1.0 on top of Adafactor's own clip_threshold.
+                if cfg.train.max_grad_norm is not None:
                     grad_norm = acc.clip_grad_norm_(self.trainable, cfg.train.max_grad_norm)
-                lr_used = self.lr_scheduler.get_last_lr()[0]
+                lr_used = self.base_lr * lr_factor(cfg.scheduler, self.counters.step, cfg.train.max_steps)
+                set_lr(self.optimizer, lr_used)
                 self.optimizer.step()
-                self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.counters.step += 1
                 step = self.counters.step
@@ -498,15 +449,15 @@ class Trainer:
                 if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                     self._log(record)
                 bar.update(1)
-                bar.set_postfix(
-                    loss=f"{loss_sum:.4f}",
-                    acc=f"{sums.get('dpo/implicit_acc', float('nan')):.2f}",
-                    lr=f"{record['train/lr']:.2e}",
-                )
-                if cfg.validation.every and step % cfg.validation.every == 0:
-                    self.validate(step)
+                shown = {
+                    key.rsplit("/", 1)[-1]: f"{sums[key]:.2f}" for key in self.spec.progress if key in sums
+                }
+                bar.set_postfix(loss=f"{loss_sum:.4f}", **shown, lr=f"{lr_used:.2e}")
+                # The checkpoint first: a failing validation can never cost it.
                 if step % cfg.train.checkpoint_every == 0 and step < cfg.train.max_steps:
                     self.save_checkpoint(step)
+                if cfg.validation.every and step % cfg.validation.every == 0:
+                    self.validate(step)
         except KeyboardInterrupt:
             bar.close()
             if self.counters.step > 0:
@@ -517,9 +468,9 @@ class Trainer:
             if old_term is not None:
                 signal.signal(signal.SIGTERM, old_term)
         bar.close()
+        self.save_final()
         if not cfg.validation.every or self.counters.step % cfg.validation.every:
             self.validate(self.counters.step)
-        self.save_final()
         acc.end_training()
         return self.run_dir
 
@@ -540,6 +491,7 @@ class Trainer:
                     f"train.resume: {path} is not a complete checkpoint (no {COMPLETE} marker)"
                 )
         self.accelerator.load_state(str(path / "training_state"))
+        self.accelerator.unwrap_model(self.unet).train()  # modes are not part of the state
         print(f"[train] resumed from {path} at step {self.counters.step}", file=sys.stderr)
 
     def _log(self, record: dict[str, Any]) -> None:
@@ -562,116 +514,60 @@ class Trainer:
             unet.save_pretrained(str(directory / "unet"), safe_serialization=True)
 
     def save_checkpoint(self, step: int) -> Path:
-        acc = self.accelerator
-        final = self.run_dir / "checkpoints" / f"step_{step:06d}"
-        tmp = final.with_name(final.name + ".tmp")
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp / "training_state"))
-        if acc.is_main_process:
-            self._export_weights(tmp)
-            (tmp / COMPLETE).write_text(f"step {step}\n")  # written last: a checkpoint without it is ignored
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            for old in list_checkpoints(self.run_dir)[: -self.cfg.train.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
-        return final
+        return save_checkpoint(
+            self.accelerator, self.run_dir, step, self._export_weights, self.cfg.train.keep_last
+        )
 
     def save_final(self) -> Path:
-        acc = self.accelerator
-        final = self.run_dir / "final"
-        if acc.is_main_process:
-            tmp = final.with_name("final.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            self._export_weights(tmp)
-            (tmp / COMPLETE).write_text(f"step {self.counters.step}\n")
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-        acc.wait_for_everyone()
-        return final
+        return save_final(self.accelerator, self.run_dir, self.counters.step, self._export_weights)
 
     # -------------------------------------------------------------------------------------------- validation
-    @torch.no_grad()
     def validate(self, step: int) -> Path | None:
-        """Fixed prompts x seeds, base and tuned from identical initial noise (one generator per image)."""
-        vcfg = self.cfg.validation
+        """Base and tuned images for the fixed validation prompts x seeds, from identical initial noise (the
+        samplers' rule). Main process only; a failure is reported and training continues."""
         acc = self.accelerator
-        if not vcfg.prompts or not acc.is_main_process:
+        if not self.validator.enabled or not acc.is_main_process:
             return None
-        pipe = self.components.pipe
-        unet = acc.unwrap_model(self.unet)
-        res = self.cfg.data.resolution
-        jobs = [(p, s) for p in vcfg.prompts for s in vcfg.seeds]
-
-        def render() -> list[Any]:
-            return [
-                pipe(
-                    prompt=p,
-                    num_inference_steps=vcfg.num_inference_steps,
-                    guidance_scale=vcfg.guidance_scale,
-                    height=res,
-                    width=res,
-                    generator=torch.Generator().manual_seed(s),
-                ).images[0]
-                for p, s in jobs
-            ]
-
-        original_unet = pipe.unet
-        was_training = unet.training
-        unet.eval()
-        pipe.set_progress_bar_config(disable=True)
-        try:
-            if self.base_images is None:  # the base never changes: render it once
-                if self.components.reference is not None:
-                    pipe.unet = self.components.reference
-                else:
-                    pipe.unet = unet
-                    unet.disable_adapters()
-                try:
-                    self.base_images = render()
-                finally:
-                    if self.components.reference is None:
-                        unet.enable_adapters()
-            pipe.unet = unet
-            tuned = render()
-        finally:
-            pipe.unet = original_unet
-            unet.train(was_training)
-        out_dir = self.run_dir / "validation"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"step_{step:06d}.png"
-        side_by_side_grid(self.base_images, tuned, [f"{p[:24]} s{s}" for p, s in jobs]).save(path)
-        record: dict[str, Any] = {"step": step}
-        if self.scorers:
-            import numpy as np
-
-            prompts = [p for p, _ in jobs]
-            for name, scorer in self.scorers.items():
-                for tag, imgs in (("reward", tuned), ("reward_base", self.base_images)):
-                    x = torch.from_numpy(np.stack([np.asarray(i, dtype=np.float32) / 255.0 for i in imgs]))
-                    record[f"{tag}/{name}"] = float(scorer(x.permute(0, 3, 1, 2), prompts).float().mean())
+        base = None if self.reference is None else self.reference.as_unet
+        record = self.validator.run(step, acc.unwrap_model(self.unet), base)
+        if record is not None and len(record) > 1:
             self._log(record)
-        return path
+        path = self.validator.out_dir / f"step_{step:06d}.png"
+        return path if path.is_file() else None
 
 
-def side_by_side_grid(base: list[Any], tuned: list[Any], labels: list[str]) -> Any:
-    """Two rows: base on top, tuned below, one column per (prompt, seed); labels under each column."""
-    from PIL import Image, ImageDraw
+def check_needs(objective: str, needs: Needs, records: list[Any]) -> None:
+    """The objective's needs against the rows actually read (the config check only knows the formats)."""
+    from workbench.data import DataError
 
-    w, h = base[0].size
-    label_h = 12
-    grid = Image.new("RGB", (w * len(base), 2 * h + label_h), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, (b, t) in enumerate(zip(base, tuned)):
-        grid.paste(b, (i * w, 0))
-        grid.paste(t, (i * w, h))
-        draw.text((i * w + 1, 2 * h), labels[i][: max(1, w // 6)], fill="black")
-    return grid
+    if not records or needs.data == "none":
+        return
+    ks = sorted({r.k for r in records})
+    if ks[0] < needs.min_k:
+        row = next(r for r in records if r.k == ks[0])
+        raise DataError(
+            f"objective {objective} needs groups of K >= {needs.min_k}; row {row.row_id} has K = {ks[0]}. Drop such "
+            "rows or use data with more images per prompt (workbench synth --k)."
+        )
+    if len(ks) > 1 and not needs.variable_k:
+        raise DataError(
+            f"objective {objective} needs one group size, but the data has groups of K = {ks}; keep one K per run."
+        )
+    if needs.soft_labels:
+        missing = next((r for r in records if getattr(r, "pref_prob", None) is None), None)
+        if missing is not None:
+            raise DataError(
+                f"objective {objective} needs soft preference labels; row {missing.row_id} has none "
+                "(pair_jsonl prefer_0 / prefer_1)."
+            )
+    if needs.scores:
+        missing = next((r for r in records if not r.scores or len(r.scores) != r.k), None)
+        if missing is not None:
+            raise DataError(
+                f"objective {objective} needs a score per image; row {missing.row_id} has "
+                f"{'none' if not missing.scores else len(missing.scores)} for {missing.k} images "
+                "(ranking_jsonl 'scores', best first)."
+            )
 
 
 def _flatten_for_tb(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""``workbench ls``: registered objectives, scorers and samplers."""
+"""``workbench ls``: registered objectives, scorers, samplers, noising methods and references."""
 
 from __future__ import annotations
 
@@ -18,12 +18,21 @@ def _first_line(obj: object) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    from samplers.noising import NOISING
     from trainers import OBJECTIVES
 
     sections: dict[str, list[tuple[str, str]]] = {
-        "objectives": [(n, _first_line(o.loss_fn)) for n, o in OBJECTIVES.items()],
+        "objectives": [
+            (n, f"{o.summary}  [data: {o.needs.data}, noising: {o.noising}, reference: {o.reference}]")
+            for n, o in OBJECTIVES.items()
+        ],
+        "noising": [(n, m.summary) for n, m in NOISING.items()],
     }
-    for kind, module, attr in (("scorers", "rewards", "SCORERS"), ("samplers", "samplers", "SAMPLERS")):
+    for kind, module, attr in (
+        ("scorers", "rewards", "SCORERS"),
+        ("samplers", "samplers", "SAMPLERS"),
+        ("references", "workbench.references", "REFERENCES"),
+    ):
         registry = getattr(importlib.import_module(module), attr, None)
         sections[kind] = [(n, _first_line(o)) for n, o in registry.items()] if registry is not None else []
     for kind, rows in sections.items():

@@ -1,0 +1,130 @@
+"""Training-time noising: how a clean group ``x0`` becomes the ``x_t`` the models see, registered by name.
+
+Each method is a :class:`NoisingMethod`: a pydantic config model (``noising:`` in the YAML, discriminated by
+``name``) and a builder that binds the config and returns a function ``(x0, generator, context) -> Noised``. The
+training loop calls it with the step's generator and never names a method; an objective's spec names its default
+(``ObjectiveSpec.noising``), and ``noising:`` in the config overrides it.
+
+Registered here: ``forward``, the closed-form ``q(x_t | x_0)`` of DDPM (Ho et al. 2020, Eq. 4). Inversion-based
+methods (DDIM inversion for InPO, ReNoise for SmPO) register in :mod:`samplers.inversion` and use
+``NoisingContext.denoiser`` (the policy, without gradient).
+
+Symbols: ``x0`` clean latents, ``eps`` unit Gaussian noise, ``t`` integer timesteps, ``alphas_cumprod[t]`` =
+``abar_t``; ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``. Returned ``eps`` is the noise the target is derived
+from (for inversion: re-derived from ``x_t``), so ``x_t`` and ``eps`` always satisfy that equation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from workbench.registry import Registry
+
+#: ``(x_t [B, K, C, h, w], t [B, K]) -> model output [B, K, C, h, w]``, no gradient.
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Noised:
+    """``x_t``, ``t`` (``[B, K]``) and ``eps`` of one batch, in the group layout ``[B, K, ...]``."""
+
+    x_t: torch.Tensor
+    t: torch.Tensor
+    eps: torch.Tensor
+
+
+@dataclass(frozen=True)
+class NoisingContext:
+    """What a noising method may use: the training scheduler (``alphas_cumprod``, ``add_noise``) and, for inversion,
+    the policy as a denoiser conditioned on the batch's prompts."""
+
+    scheduler: Any
+    denoiser: Denoiser | None = None
+    prediction_type: str = "epsilon"
+
+
+NoiseFn = Callable[[torch.Tensor, torch.Generator, NoisingContext], Noised]
+
+
+@dataclass(frozen=True)
+class NoisingMethod:
+    config_cls: type[BaseModel]
+    build: Callable[[Any], NoiseFn]
+    summary: str = ""
+
+
+NOISING: Registry[NoisingMethod] = Registry("noising")
+
+
+class ForwardNoising(BaseModel):
+    """q(x_t | x_0): one timestep per group and, by default, one noise draw shared by its K images (Diffusion-DPO:
+    Salesforce train.py repeats the noise and timestep of the winner for the loser)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["forward"] = "forward"
+    t_min: int = Field(0, ge=0)
+    t_max: int = Field(1000, ge=1, description="Exclusive upper bound of t ~ U{t_min, t_max - 1}.")
+    share_noise: bool = Field(True, description="Same epsilon for every image of a group (official DPO).")
+    share_timestep: bool = Field(True, description="Same t for every image of a group (official DPO).")
+
+    @model_validator(mode="after")
+    def _range(self) -> ForwardNoising:
+        if self.t_min >= self.t_max:
+            raise ValueError(f"t_min ({self.t_min}) must be < t_max ({self.t_max})")
+        return self
+
+
+def group_draws(
+    shape: tuple[int, ...],
+    generator: torch.Generator,
+    *,
+    t_min: int,
+    t_max: int,
+    share_noise: bool,
+    share_t: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Timesteps ``[B, K]`` and noise ``[B, K, C, h, w]`` for groups of ``shape``; shared within a group on request.
+    Draw order (t first, then eps) is fixed: exact resume depends on it."""
+    b, k = shape[0], shape[1]
+    t = torch.randint(t_min, t_max, (b, 1 if share_t else k), generator=generator).expand(b, k)
+    if share_noise:
+        eps = torch.randn((b, 1, *shape[2:]), generator=generator).expand(-1, k, *shape[2:])
+    else:
+        eps = torch.randn(tuple(shape), generator=generator)
+    return t.contiguous(), eps.contiguous()
+
+
+def forward_noise(
+    x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, alphas_cumprod: torch.Tensor
+) -> torch.Tensor:
+    """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (Ho et al. 2020, Eq. 4), computed in fp32 for ``[B, K, ...]``
+    tensors; ``t`` is ``[B, K]``. Identical to diffusers' ``DDPMScheduler.add_noise``."""
+    abar = alphas_cumprod.to(x0.device, torch.float32)[t.to(x0.device)]  # [B, K]
+    abar = abar.reshape(*t.shape, *([1] * (x0.ndim - t.ndim)))
+    return (abar.sqrt() * x0.float() + (1 - abar).sqrt() * eps.float()).to(x0.dtype)
+
+
+def _build_forward(cfg: ForwardNoising) -> NoiseFn:
+    def noise(x0: torch.Tensor, generator: torch.Generator, ctx: NoisingContext) -> Noised:
+        t, eps = group_draws(
+            tuple(x0.shape),
+            generator,
+            t_min=cfg.t_min,
+            t_max=cfg.t_max,
+            share_noise=cfg.share_noise,
+            share_t=cfg.share_timestep,
+        )
+        eps = eps.to(x0.device)
+        return Noised(x_t=forward_noise(x0, t, eps, ctx.scheduler.alphas_cumprod), t=t.to(x0.device), eps=eps)
+
+    return noise
+
+
+NOISING.register("forward")(
+    NoisingMethod(config_cls=ForwardNoising, build=_build_forward, summary="q(x_t | x_0), DDPM Eq. 4")
+)
