@@ -17,20 +17,21 @@ import torch
 
 @dataclass
 class GroupBatch:
-    latents: torch.Tensor  # [B, K, C, h, w]  x0 (a sample of the VAE posterior, scaled for the UNet)
-    prompt_embeds: torch.Tensor  # [B, L, D]  shared by the K images of a group
-    pooled_embeds: torch.Tensor | None  # [B, P]  SDXL only
-    time_ids: (
-        torch.Tensor | None
-    )  # [B, K, 6] SDXL micro-conditioning, per image (flip changes the crop offset)
-    indices: torch.Tensor  # [B] dataset positions (for reports)
-    mask: torch.Tensor | None = None  # [B, K] bool, False = padding; None = every column is real
-    pref_prob: torch.Tensor | None = (
-        None  # [B] P(column 0 preferred over column 1) in [0.5, 1]; None = hard labels
-    )
-    scores: torch.Tensor | None = (
-        None  # [B, K] per-image scores (higher = better, NaN = unknown); None = none given
-    )
+    """One batch of B groups of K images. Shapes: ``latents [B, K, C, h, w]`` (x0, a posterior sample scaled for the
+    UNet); ``prompt_embeds [B, L, D]`` and ``pooled_embeds [B, P]`` (SDXL), shared by a group's K images;
+    ``time_ids [B, K, 6]`` (SDXL micro-conditioning, per image: a flip changes the crop offset); ``indices [B]``
+    (dataset positions); ``mask [B, K]`` (False = padding; None = every column is real); ``pref_prob [B]``
+    (P(column 0 preferred over column 1), in [0.5, 1]; None = hard labels); ``scores [B, K]`` (per-image scores,
+    higher = better, NaN = unknown; None = none given)."""
+
+    latents: torch.Tensor
+    prompt_embeds: torch.Tensor
+    pooled_embeds: torch.Tensor | None
+    time_ids: torch.Tensor | None
+    indices: torch.Tensor
+    mask: torch.Tensor | None = None
+    pref_prob: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
