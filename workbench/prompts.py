@@ -4,7 +4,7 @@ A prompt-set spec is one of:
 
 * ``parti`` : PartiPrompts (1,632 prompts, bundled, Apache-2.0; see ``workbench/data/PartiPrompts.LICENSE.md``);
   ``parti:CATEGORY`` keeps one category (``parti:Animals``; case-insensitive);
-* ``toy:heldout`` / ``toy:train`` / ``toy:all`` : the toy world's prompt splits (held-out prompts are never seen in
+* ``toy:heldout`` / ``toy:train`` / ``toy:all`` / ``toy:val`` / ``toy:gym_train``: the toy world's prompt splits (held-out prompts are never seen in
   pretraining or preference data);
 * a file: ``.txt`` (one prompt per line; blank lines and ``#`` comments skipped), ``.tsv`` (column ``Prompt`` or
   ``prompt``, else the first column; a header row is required), ``.jsonl`` (field ``prompt`` or ``caption`` per line),
@@ -19,7 +19,7 @@ from pathlib import Path
 
 DATA_DIR = Path(__file__).parent / "data"
 PARTI_PATH = DATA_DIR / "PartiPrompts.tsv"
-TOY_SPLITS = ("heldout", "train", "all")
+TOY_SPLITS = ("heldout", "train", "all", "val", "gym_train")
 
 
 def load_prompts(spec: str, *, limit: int | None = None) -> list[str]:

@@ -48,13 +48,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
 
 
-def render_pairs(path: Path, n: int, seed: int, resolution: int = 32) -> dict[str, Any]:
-    """Render ``n`` centring pairs from the training prompts into one Pick-a-Pic parquet file."""
+def render_pairs(
+    path: Path, n: int, seed: int, resolution: int = 32, *, split: str = "train"
+) -> dict[str, Any]:
+    """Render ``n`` centring pairs from the prompts of ``split`` (the toy world's training prompts by default; the
+    objective gym uses ``gym_train``) into one Pick-a-Pic parquet file."""
     from samplers import png_bytes
     from samplers.synth import winner_first, write_pickapic_parquet
     from workbench.toy.world import render_centering_pairs
 
-    winners, losers, prompts, _ = render_centering_pairs(n, seed, split="train", resolution=resolution)
+    winners, losers, prompts, _ = render_centering_pairs(n, seed, split=split, resolution=resolution)
     cols: dict[str, list[Any]] = {c: [] for c in ("jpg_0", "jpg_1", "label_0", "label_1", "caption")}
     for i, (w, lo, prompt) in enumerate(zip(winners, losers, prompts)):
         w8, l8 = (_to_hwc_uint8(x) for x in (w, lo))

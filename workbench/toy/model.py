@@ -71,25 +71,21 @@ def generate(
     guidance: float = 5.0,
     batch_size: int = 64,
 ) -> torch.Tensor:
-    """Images ``[B, 3, 32, 32]`` in [0, 1], one per (prompt, seed), each from ``torch.Generator().manual_seed(seed)``
-    (so an item's noise does not depend on its batch). Uses the pipeline's own scheduler."""
+    """Images ``[B, 3, 32, 32]`` in [0, 1], one per (prompt, seed), through the one renderer
+    (:func:`samplers.sample`: Euler, the toy pipeline's own scheduler, and the samplers' noise rule, so an item's
+    noise depends only on its prompt and seed, never on its batch or the checkpoint)."""
+    from samplers import SamplingConfig, sample, with_sampler
+    from samplers.generate import batched
+
     if len(prompts_) != len(seeds):
         raise ValueError(f"got {len(prompts_)} prompts but {len(seeds)} seeds")
     res = TOY_SPEC.resolution
-    out = []
-    for i in range(0, len(prompts_), batch_size):
-        p, s = list(prompts_[i : i + batch_size]), seeds[i : i + batch_size]
-        gens = [torch.Generator().manual_seed(int(x)) for x in s]
-        images = pipe(
-            prompt=p,
-            generator=gens,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=res,
-            width=res,
-            output_type="pt",
-        ).images
-        out.append(images.float().clamp(0, 1).cpu())
+    cfg = SamplingConfig(sampler="euler", steps=steps, guidance=guidance, height=res, width=res)
+    view = with_sampler(pipe, "euler")
+    out = [
+        sample(view, [prompts_[i] for i in part], [int(seeds[i]) for i in part], cfg)
+        for part in batched(len(prompts_), batch_size)
+    ]
     return torch.cat(out)
 
 

@@ -125,9 +125,23 @@ HELDOUT_PROMPTS: tuple[str, ...] = tuple(a.prompt for a in all_attributes() if _
 TRAIN_PROMPTS: tuple[str, ...] = tuple(a.prompt for a in all_attributes() if not _is_heldout(a))
 
 
+#: 15 of the training prompts (every 8th) that the objective gym keeps out of every objective's preference data, to
+#: choose recipes on; the held-out prompts then only report the final table. Pretraining did see them.
+VAL_PROMPTS: tuple[str, ...] = TRAIN_PROMPTS[3::8]
+#: the 105 training prompts the gym's preference data draws from (train minus val).
+GYM_TRAIN_PROMPTS: tuple[str, ...] = tuple(p for p in TRAIN_PROMPTS if p not in VAL_PROMPTS)
+
+
 def prompts(split: str = "train") -> tuple[str, ...]:
-    """The prompts of a split: ``"train"`` (120), ``"heldout"`` (24) or ``"all"`` (144)."""
-    table = {"train": TRAIN_PROMPTS, "heldout": HELDOUT_PROMPTS, "all": ALL_PROMPTS}
+    """The prompts of a split: ``"train"`` (120), ``"heldout"`` (24), ``"all"`` (144), and for the objective gym
+    ``"val"`` (15 of train) and ``"gym_train"`` (the other 105)."""
+    table = {
+        "train": TRAIN_PROMPTS,
+        "heldout": HELDOUT_PROMPTS,
+        "all": ALL_PROMPTS,
+        "val": VAL_PROMPTS,
+        "gym_train": GYM_TRAIN_PROMPTS,
+    }
     if split not in table:
         raise ValueError(f"unknown split {split!r}; use one of {', '.join(table)}")
     return table[split]
