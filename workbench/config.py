@@ -25,24 +25,24 @@ class _Strict(BaseModel):
 
 # --------------------------------------------------------------------------------------------------- run + model
 class RunSection(_Strict):
-    output_dir: str = Field("runs", description="Parent folder of run directories.")
-    name: str = Field("run", description="Run directory name under output_dir.")
-    seed: int = Field(0, description="Global seed: noise, timesteps, data order, LoRA init.")
+    output_dir: str = Field(default="runs", description="Parent folder of run directories.")
+    name: str = Field(default="run", description="Run directory name under output_dir.")
+    seed: int = Field(default=0, description="Global seed: noise, timesteps, data order, LoRA init.")
     deterministic: bool = Field(
-        False, description="torch.use_deterministic_algorithms (CPU exact-resume tests)."
+        default=False, description="torch.use_deterministic_algorithms (CPU exact-resume tests)."
     )
 
 
 class LoraSection(_Strict):
-    rank: int = Field(8, ge=1, description="LoRA rank r.")
-    alpha: float = Field(8.0, gt=0, description="LoRA alpha; scale = alpha / rank.")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    rank: int = Field(default=8, ge=1, description="LoRA rank r.")
+    alpha: float = Field(default=8.0, gt=0, description="LoRA alpha; scale = alpha / rank.")
+    dropout: float = Field(default=0.0, ge=0, lt=1)
     target_modules: list[str] = Field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
         description="UNet module names (peft target_modules). The diffusers DPO example uses attention only.",
     )
     init: Literal["gaussian", "default"] = Field(
-        "gaussian",
+        default="gaussian",
         description="peft init_lora_weights: both zero-initialise B, so the LoRA starts as identity.",
     )
 
@@ -51,25 +51,27 @@ class ModelSection(_Strict):
     source: str = Field(
         ..., description="A diffusers folder, a hub id, or a single-file checkpoint (.safetensors/.ckpt)."
     )
-    family: Literal["auto", "sdxl", "sd15"] = Field("auto", description="sd15 also covers SD2.x.")
+    family: Literal["auto", "sdxl", "sd15"] = Field(default="auto", description="sd15 also covers SD2.x.")
     single_file_config: str | None = Field(
-        None,
+        default=None,
         description="For single files: a diffusers folder or hub id whose configs describe the checkpoint.",
     )
     vae: str | None = Field(
-        None, description="Separate VAE (e.g. madebyollin/sdxl-vae-fp16-fix): folder or id."
+        default=None, description="Separate VAE (e.g. madebyollin/sdxl-vae-fp16-fix): folder or id."
     )
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
-        "auto", description="auto = the scheduler config's prediction_type."
+        default="auto", description="auto = the scheduler config's prediction_type."
     )
-    finetune: Literal["lora", "full"] = Field("lora", description="LoRA adapters, or all UNet weights.")
+    finetune: Literal["lora", "full"] = Field(
+        default="lora", description="LoRA adapters, or all UNet weights."
+    )
     lora: LoraSection = Field(default_factory=LoraSection)
     vae_dtype: Literal["fp32", "fp16", "bf16"] = Field(
-        "fp32", description="fp32 avoids the stock SDXL VAE's fp16 NaNs (diffusers SDXL DPO script)."
+        default="fp32", description="fp32 avoids the stock SDXL VAE's fp16 NaNs (diffusers SDXL DPO script)."
     )
     text_encoder_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     reference_dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
-        "auto",
+        default="auto",
         description="Full fine-tune only: dtype of the frozen reference UNet copy. auto = the policy's compute "
         "dtype (train.mixed_precision, fp32 without it), as Salesforce train.py casts ref_unet to weight_dtype; "
         "a lower one saves memory but moves the step-0 DPO logit off 0 (a warning says so).",
@@ -87,39 +89,44 @@ class DataSource(_Strict):
 class CacheSection(_Strict):
     enabled: bool = True
     dir: str = Field(
-        ".cache/workbench", description="VAE latents + text embeddings, keyed by content and model."
+        default=".cache/workbench", description="VAE latents + text embeddings, keyed by content and model."
     )
 
 
 class DataSection(_Strict):
     sources: list[DataSource] = Field(..., min_length=1)
-    resolution: int = Field(1024, ge=8, description="Square training resolution (pixels).")
+    resolution: int = Field(default=1024, ge=8, description="Square training resolution (pixels).")
     crop: Literal["center", "random"] = Field(
-        "center", description="One joint crop for all images of a group; random: see random_crops."
+        default="center", description="One joint crop for all images of a group; random: see random_crops."
     )
     random_crops: int | None = Field(
-        None,
+        default=None,
         ge=1,
         description="crop=random: random crops cached per group (None = 4), each VAE-encoded once with its own "
         "SDXL crop offset; every step draws one of them from the batch generator (cost: N x encode time and "
         "disk). 1 = one crop, drawn when the cache is built. crop=center has exactly one (None or 1).",
     )
     hflip: bool = Field(
-        False,
+        default=False,
         description="Flip both images of a group together (one draw per group per step); the flipped view's "
         "SDXL crop offset is measured in the flipped image.",
     )
-    proportion_empty_prompts: float = Field(0.2, ge=0, le=1, description="Salesforce train.py default 0.2.")
+    proportion_empty_prompts: float = Field(
+        default=0.2, ge=0, le=1, description="Salesforce train.py default 0.2."
+    )
     drop_ties: bool = Field(
-        True,
+        default=True,
         description="Drop ties: Pick-a-Pic label_0 == 0.5 (as the official code does), pair JSONL prefer_0 == "
         "prefer_1, rankings whose best and worst scores are equal. Partial ties in a ranking are kept (the "
         "scores carry them). Kept ties get pref_prob 0.5.",
     )
     max_bad_fraction: float = Field(
-        0.01, ge=0, le=1, description="Stop with an error when more than this fraction of rows is unreadable."
+        default=0.01,
+        ge=0,
+        le=1,
+        description="Stop with an error when more than this fraction of rows is unreadable.",
     )
-    max_samples: int | None = Field(None, ge=1, description="Use only the first N groups.")
+    max_samples: int | None = Field(default=None, ge=1, description="Use only the first N groups.")
     cache: CacheSection = Field(default_factory=CacheSection)
 
     @model_validator(mode="after")
@@ -142,8 +149,8 @@ class DataSection(_Strict):
 # ---------------------------------------------------------------------------------------------------- optimizers
 class AdamW(_Strict):
     name: Literal["adamw"] = "adamw"
-    lr: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(1e-2, ge=0)
+    lr: float = Field(default=1e-5, gt=0)
+    weight_decay: float = Field(default=1e-2, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
 
@@ -151,15 +158,15 @@ class AdamW(_Strict):
 class AdamW8bit(AdamW):
     """bitsandbytes' 8-bit AdamW (optimizer states in 8 bit); the same fields as AdamW."""
 
-    name: Literal["adamw_8bit"] = "adamw_8bit"  # type: ignore[assignment]
+    name: Literal["adamw_8bit"] = "adamw_8bit"  # pyright: ignore[reportIncompatibleVariableOverride]  # the discriminator narrows AdamW's name
 
 
 class Adafactor(_Strict):
     """transformers.Adafactor as the Salesforce SDXL run uses it (relative_step=False, scale_parameter=False)."""
 
     name: Literal["adafactor"] = "adafactor"
-    lr: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(1e-2, ge=0)
+    lr: float = Field(default=1e-5, gt=0)
+    weight_decay: float = Field(default=1e-2, ge=0)
     clip_threshold: float = 1.0
 
 
@@ -172,13 +179,13 @@ class Constant(_Strict):
 
 class ConstantWithWarmup(_Strict):
     name: Literal["constant_with_warmup"] = "constant_with_warmup"
-    warmup_steps: int = Field(0, ge=0, description="In optimizer steps.")
+    warmup_steps: int = Field(default=0, ge=0, description="In optimizer steps.")
 
 
 class Cosine(_Strict):
     name: Literal["cosine"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    warmup_steps: int = Field(default=0, ge=0)
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
 
 
 Scheduler = Annotated[Constant | ConstantWithWarmup | Cosine, Field(discriminator="name")]
@@ -186,12 +193,12 @@ Scheduler = Annotated[Constant | ConstantWithWarmup | Cosine, Field(discriminato
 
 # Built from the registries, so a new noising method or objective needs only its module and one import.
 Noising = Annotated[
-    Union[tuple(m.config_cls for _, m in NOISING.items())],  # type: ignore[misc]  # noqa: UP007
+    Union[tuple(m.config_cls for _, m in NOISING.items())],  # noqa: UP007
     Field(discriminator="name"),
 ]
 
 ObjectiveConfig = Annotated[
-    Union[tuple(obj.config_cls for _, obj in OBJECTIVES.items())],  # type: ignore[misc]  # noqa: UP007
+    Union[tuple(obj.config_cls for _, obj in OBJECTIVES.items())],  # noqa: UP007
     Field(discriminator="name"),
 ]
 
@@ -199,10 +206,10 @@ ObjectiveConfig = Annotated[
 # ------------------------------------------------------------------------------------------ train / val / logging
 class TrainSection(_Strict):
     max_steps: int = Field(..., ge=1, description="Optimizer steps.")
-    batch_size: int = Field(1, ge=1, description="Groups (pairs) per device per micro-step.")
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    batch_size: int = Field(default=1, ge=1, description="Groups (pairs) per device per micro-step.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
     scale_lr: bool = Field(
-        False,
+        default=False,
         description="lr *= grad_accum * batch_size * num_processes (the official launchers' --scale_lr).",
     )
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -215,26 +222,29 @@ class TrainSection(_Strict):
         )  # YAML 1.1 reads a bare `no` (also `train.mixed_precision=no`) as false
 
     gradient_checkpointing: bool = False
-    max_grad_norm: float | None = Field(1.0, gt=0, description="None disables clipping.")
+    max_grad_norm: float | None = Field(default=1.0, gt=0, description="None disables clipping.")
     attention: Literal["sdpa", "xformers"] = Field(
-        "sdpa", description="xformers when installed and configured."
+        default="sdpa", description="xformers when installed and configured."
     )
-    checkpoint_every: int = Field(500, ge=1)
-    keep_last: int = Field(3, ge=1, description="Checkpoints kept; older ones are deleted.")
-    resume: str | None = Field(None, description="'latest' or a checkpoint directory.")
-    max_nonfinite_steps: int = Field(5, ge=1, description="Stop after this many non-finite losses in a row.")
-    log_every: int = Field(1, ge=1)
-    num_workers: int = Field(0, ge=0)
+    checkpoint_every: int = Field(default=500, ge=1)
+    keep_last: int = Field(default=3, ge=1, description="Checkpoints kept; older ones are deleted.")
+    resume: str | None = Field(default=None, description="'latest' or a checkpoint directory.")
+    max_nonfinite_steps: int = Field(
+        default=5, ge=1, description="Stop after this many non-finite losses in a row."
+    )
+    log_every: int = Field(default=1, ge=1)
+    num_workers: int = Field(default=0, ge=0)
 
 
 class ValidationSection(_Strict):
-    every: int = Field(0, ge=0, description="Validate every N steps (0 = only at the end).")
+    every: int = Field(default=0, ge=0, description="Validate every N steps (0 = only at the end).")
     prompts: list[str] = Field(default_factory=list)
     seeds: list[int] = Field(default_factory=lambda: [0, 1])
-    num_inference_steps: int = Field(20, ge=1)
-    guidance_scale: float = Field(5.0, ge=0)
+    num_inference_steps: int = Field(default=20, ge=1)
+    guidance_scale: float = Field(default=5.0, ge=0)
     sampler: str = Field(
-        "euler", description="A registered sampler (workbench ls samplers); images come from samplers.sample."
+        default="euler",
+        description="A registered sampler (workbench ls samplers); images come from samplers.sample.",
     )
     scorers: list[str] = Field(
         default_factory=list, description="Registered scorer names logged as reward/<name>."
@@ -251,10 +261,10 @@ class RunConfig(_Strict):
     run: RunSection = Field(default_factory=RunSection)
     model: ModelSection
     data: DataSection
-    objective: ObjectiveConfig  # type: ignore[valid-type]
+    objective: ObjectiveConfig  # pyright: ignore[reportInvalidTypeForm]  # a union built from the registry at import
     optimizer: Optimizer = Field(default_factory=AdamW)
     scheduler: Scheduler = Field(default_factory=Constant)
-    noising: Noising | None = Field(  # type: ignore[valid-type]
+    noising: Noising | None = Field(  # pyright: ignore[reportInvalidTypeForm]  # same
         None, description="None = the objective's own noising (its spec's default, e.g. forward for DPO)."
     )
     train: TrainSection
@@ -269,7 +279,7 @@ class RunConfig(_Strict):
     def _objective_matches_data(self) -> RunConfig:
         """The objective's needs against the data's structure (what the formats can hold); the readers check the
         rows themselves (K, soft labels, scores) when the data is read."""
-        name = self.objective.name  # type: ignore[attr-defined]
+        name = self.objective.name
         needs = OBJECTIVES.get(name).needs
         for i, src in enumerate(self.data.sources):
             kind = SOURCE_KINDS[src.format]
@@ -480,16 +490,16 @@ def refresh_schema() -> None:
     if current == _SCHEMA_VERSIONS:
         return
     objective = Annotated[
-        Union[tuple(obj.config_cls for _, obj in OBJECTIVES.items())],  # type: ignore[misc]  # noqa: UP007
+        Union[tuple(obj.config_cls for _, obj in OBJECTIVES.items())],  # noqa: UP007
         Field(discriminator="name"),
     ]
     noising = Annotated[
-        Union[tuple(m.config_cls for _, m in NOISING.items())],  # type: ignore[misc]  # noqa: UP007
+        Union[tuple(m.config_cls for _, m in NOISING.items())],  # noqa: UP007
         Field(discriminator="name"),
     ]
     RunConfig.model_fields["objective"] = FieldInfo.from_annotation(objective)  # pyright: ignore[reportArgumentType]  # an Annotated union is a valid annotation
     RunConfig.model_fields["noising"] = FieldInfo.from_annotated_attribute(
-        Optional[noising],  # type: ignore[arg-type]  # noqa: UP045
+        Optional[noising],  # noqa: UP045  # pyright: ignore[reportArgumentType]  # same
         RunConfig.model_fields["noising"],
     )
     RunConfig.model_rebuild(force=True)

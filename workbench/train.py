@@ -403,7 +403,9 @@ class Trainer:
                     ctx = nullcontext() if sync or acc.num_processes == 1 else acc.no_sync(self.unet)
                     with ctx:
                         loss, metrics = self.compute_loss(batch)
-                        finite = bool(acc.gather(torch.isfinite(loss.detach()).reshape(1)).all())
+                        finite = bool(
+                            torch.as_tensor(acc.gather(torch.isfinite(loss.detach()).reshape(1))).all()
+                        )
                         if not finite:
                             bad = True
                             continue
@@ -452,7 +454,7 @@ class Trainer:
                 shown = {
                     key.rsplit("/", 1)[-1]: f"{sums[key]:.2f}" for key in self.spec.progress if key in sums
                 }
-                bar.set_postfix(loss=f"{loss_sum:.4f}", **shown, lr=f"{lr_used:.2e}")
+                bar.set_postfix(ordered_dict={"loss": f"{loss_sum:.4f}", **shown, "lr": f"{lr_used:.2e}"})
                 # The checkpoint first: a failing validation can never cost it.
                 if step % cfg.train.checkpoint_every == 0 and step < cfg.train.max_steps:
                     self.save_checkpoint(step)
