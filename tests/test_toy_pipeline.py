@@ -50,6 +50,17 @@ def test_generates_32px_images_deterministically(pipe) -> None:
     assert not torch.allclose(a[0], a[1])
 
 
+def test_toy_generate_is_the_one_renderer(pipe) -> None:
+    """workbench.toy.model.generate and `workbench generate` / `eval` (samplers.sample) give the same image for the
+    same (prompt, seed): the toy helper used to seed torch.Generator().manual_seed(seed) itself."""
+    from samplers import SamplingConfig, sample, with_sampler
+
+    prompt = "a small red circle on a white background"
+    got = generate(pipe, [prompt], [7], steps=3)
+    cfg = SamplingConfig(sampler="euler", steps=3, guidance=5.0, height=32, width=32)
+    assert torch.allclose(got, sample(with_sampler(pipe, "euler"), [prompt], [7], cfg), atol=1e-6)
+
+
 def test_adherence_items_are_fixed() -> None:
     prompts, seeds = adherence_items("heldout", 2)
     assert len(prompts) == 48 and len(set(seeds)) == 48

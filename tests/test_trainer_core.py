@@ -139,6 +139,11 @@ def test_a_lower_precision_reference_is_warned_about(workdir: Path, capsys: pyte
     assert "model.reference_dtype=bf16 is less precise" in capsys.readouterr().err
 
 
+def test_yaml_no_is_mixed_precision_no():
+    """YAML 1.1 reads `train.mixed_precision=no` as false; it used to be refused as "Input should be 'no'"."""
+    assert load_config(ROOT / SD15_FULL, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
 def test_default_reference_dtype_is_auto():
     from workbench.config import ModelSection
 
