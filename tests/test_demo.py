@@ -77,4 +77,4 @@ def test_demo_config_is_the_measured_recipe() -> None:
     assert cfg.objective.name == "diffusion_dpo" and cfg.objective.beta == 2000
     assert (cfg.model.lora.rank, cfg.model.lora.alpha) == (8, 8)
     assert cfg.optimizer.lr == pytest.approx(5e-4) and cfg.optimizer.weight_decay == 0
-    assert (cfg.train.batch_size, cfg.train.max_steps) == (16, 300)
+    assert (cfg.train.batch_size, cfg.train.max_steps) == (16, 200)  # the objective gym's validation choice
