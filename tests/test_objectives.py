@@ -112,3 +112,43 @@ def test_every_objective_has_a_config_model_and_a_shipped_yaml():
     for name, obj in OBJECTIVES.items():
         assert obj.config_cls.model_fields["name"].default == name
         assert f"name: {name}" in shipped, f"no YAML under configs/ uses objective {name}"
+
+
+# ------------------------------------------------------------------------------------------------ Diffusion-NPO
+def test_npo_is_dpo_on_swapped_columns_and_negates_its_logits():
+    """NPO puts the human loser in the winner slot (G-U-N/Diffusion-NPO train_sdxl.py): its loss is Diffusion-DPO's on
+    the flipped group, and every logit is the negated DPO logit."""
+    from trainers.npo import npo_loss
+
+    policy, ref, target = _group(b=6)
+    loss, m = npo_loss(policy, ref, target, beta=7.0)
+    swapped, _ = diffusion_dpo_loss(policy.flip(1), ref.flip(1), target.flip(1), beta=7.0)
+    assert loss.item() == pytest.approx(swapped.item(), rel=1e-6)
+    _, m_dpo = diffusion_dpo_loss(policy, ref, target, beta=7.0)
+    assert m["npo/logit_mean"].item() == pytest.approx(-m_dpo["dpo/logit_mean"].item(), rel=1e-5)
+    assert m["npo/implicit_acc"].item() == pytest.approx(
+        1 - m_dpo["dpo/implicit_acc"].item()
+    )  # no exact ties
+
+
+def test_npo_batch_loss_is_mean_of_pair_losses_and_ties_can_stay_unswapped():
+    from trainers.npo import npo_loss
+
+    policy, ref, target = _group(b=5, seed=3)
+    swap = torch.tensor([True, False, True, True, False])
+    batch_loss, _ = npo_loss(policy, ref, target, beta=3.0, swap=swap)
+    per_pair = [
+        npo_loss(policy[i : i + 1], ref[i : i + 1], target[i : i + 1], beta=3.0, swap=swap[i : i + 1])[0]
+        for i in range(5)
+    ]
+    assert batch_loss.item() == pytest.approx(torch.stack(per_pair).mean().item(), rel=1e-6)
+    kept, _ = npo_loss(policy[1:2], ref[1:2], target[1:2], beta=3.0, swap=swap[1:2])
+    dpo, _ = diffusion_dpo_loss(policy[1:2], ref[1:2], target[1:2], beta=3.0)
+    assert kept.item() == pytest.approx(
+        dpo.item(), rel=1e-6
+    )  # an unswapped (official tie) pair is a DPO pair
+
+
+def test_npo_sd15_beta_convention():
+    """The official SD1.5 script's beta_dpo 500 (no 0.5 factor) is 1000 in the Salesforce convention."""
+    assert beta_from_convention(500, "diffusers_sd15", 4 * 8 * 8) == 1000

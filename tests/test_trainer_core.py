@@ -444,3 +444,25 @@ def test_references_registry():
     assert (
         reference_dtype("auto", "no") == torch.float32 and reference_dtype("auto", "bf16") == torch.bfloat16
     )
+
+
+@pytest.mark.parametrize("name", ["diffusion_dpo", "npo", "sft"])
+def test_every_registered_objective_trains_two_steps(workdir: Path, name: str):
+    from trainers import OBJECTIVES
+
+    assert set(OBJECTIVES.names()) == {"diffusion_dpo", "npo", "sft"}, "add new objectives to this test"
+    trainer = _trainer(
+        SDXL_LORA,
+        f"run.name=two_{name}",
+        f"objective={{name: {name}}}",
+        "train.max_steps=2",
+        "validation.prompts=[]",
+    )
+    run_dir = trainer.train()
+    records = [r for r in _records(run_dir) if "train/loss" in r]
+    assert len(records) == 2 and all(math.isfinite(r["train/loss"]) for r in records)
+    if OBJECTIVES.get(name).reference is not None:
+        assert records[0]["train/loss"] == pytest.approx(
+            math.log(2), abs=1e-6
+        )  # fresh LoRA: policy == reference
+    assert (run_dir / "final" / "COMPLETE").is_file()

@@ -1,6 +1,6 @@
 """Preference objectives as pure functions, registered in ``OBJECTIVES`` (explicit imports, no discovery)."""
 
-from trainers import diffusion_dpo, sft
+from trainers import diffusion_dpo, npo, sft
 from trainers.base import (
     OBJECTIVES,
     Needs,
@@ -17,6 +17,7 @@ __all__ = [
     "ObjectiveSpec",
     "Predictions",
     "diffusion_dpo",
+    "npo",
     "per_sample_error",
     "sft",
 ]
