@@ -18,6 +18,7 @@ from samplers.generate import (
     to_uint8,
     with_sampler,
 )
+from samplers.guidance import NegativeGuidanceUNet, negative_guidance_pipeline
 from samplers.jobs import generate_images
 from samplers.noise import NOISE_RULE, generators, initial_noise, noise_seed
 from samplers.schedulers import SAMPLERS, make_scheduler
@@ -27,6 +28,7 @@ __all__ = [
     "SAMPLERS",
     "Checkpoint",
     "ImageCache",
+    "NegativeGuidanceUNet",
     "SamplingConfig",
     "default_cache_dir",
     "fingerprint",
@@ -39,6 +41,7 @@ __all__ = [
     "load_pipeline_for",
     "make_scheduler",
     "model_id",
+    "negative_guidance_pipeline",
     "noise_seed",
     "parse_checkpoints",
     "png_bytes",
