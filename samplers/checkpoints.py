@@ -4,6 +4,12 @@ A checkpoint spec on the command line is ``base`` (the base pipeline alone), ``P
 anything :func:`workbench.models.apply_checkpoint` applies: a diffusers LoRA folder, a kohya LoRA ``.safetensors``,
 a full UNet folder, or a training output (``RUN_DIR``, ``RUN_DIR/final``, ``RUN_DIR/checkpoints/step_XXXXXX``, which
 hold ``lora/`` or ``unet/``).
+
+Negative-model guidance (Diffusion-NPO): ``NAME=PATH,negative=NPO_PATH[,merge=M]`` (PATH may be ``base``) renders
+with the NPO checkpoint as the unconditional branch of classifier-free guidance and ``theta_neg = theta_base +
+delta_npo + (1 - M)(theta_pos - theta_base)`` (:mod:`samplers.guidance`); ``--negative NPO [--negative-merge M]`` on
+``generate`` / ``eval`` adds such an "NPO CFG" twin of every checkpoint, so plain and NPO CFG are compared on
+identical noise.
 """
 
 from __future__ import annotations
@@ -19,10 +25,49 @@ from typing import Any
 class Checkpoint:
     name: str
     path: str | None = None  # None: the base pipeline itself
+    negative: str | None = None  # an NPO checkpoint for the unconditional branch of CFG
+    negative_merge: float = 0.0  # m in theta_neg = theta_base + delta_npo + (1 - m)(theta_pos - theta_base)
 
     @property
     def is_base(self) -> bool:
-        return self.path is None
+        return self.path is None and self.negative is None
+
+
+def _split_options(spec: str) -> tuple[str, dict[str, str]]:
+    """``"x=runs/a,negative=runs/npo,merge=0.5"`` -> ``("x=runs/a", {"negative": ..., "merge": "0.5"})``."""
+    head, sep, rest = spec.partition(",negative=")
+    if not sep:
+        return spec, {}
+    options = {"negative": rest}
+    neg, sep2, merge = rest.partition(",merge=")
+    if sep2:
+        options = {"negative": neg, "merge": merge}
+    return head, options
+
+
+def _merge_weight(text: str, spec: str) -> float:
+    try:
+        m = float(text)
+    except ValueError:
+        raise ValueError(
+            f"checkpoint {spec!r}: merge={text!r} is not a number; use merge=M with M in [0, 1]"
+        ) from None
+    if not 0.0 <= m <= 1.0:
+        raise ValueError(f"checkpoint {spec!r}: merge={m} is outside [0, 1]")
+    return m
+
+
+def with_negative(
+    checkpoints: list[Checkpoint], negative: str | None, merge: float = 0.0
+) -> list[Checkpoint]:
+    """``checkpoints`` plus, when ``negative`` is given, an "NPO CFG" twin ``NAME+npo`` of each (same positive
+    weights, ``negative`` in the unconditional branch), so each pair is compared on identical noise."""
+    if negative is None:
+        return checkpoints
+    neg = str(resolve_checkpoint_path(negative))
+    m = _merge_weight(str(merge), f"--negative-merge {merge}")
+    twins = [Checkpoint(f"{c.name}+npo", c.path, neg, m) for c in checkpoints if c.negative is None]
+    return [*checkpoints, *twins]
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:
@@ -63,15 +108,22 @@ def _default_name(path: Path) -> str:
 def parse_checkpoints(specs: list[str]) -> list[Checkpoint]:
     """``["base", "tuned=runs/x/final", "runs/y"]`` -> checkpoints with unique names (``base`` always first)."""
     out: list[Checkpoint] = []
-    for spec in specs:
+    for full_spec in specs:
+        spec, options = (full_spec, {}) if Path(full_spec).exists() else _split_options(full_spec)
+        negative = str(resolve_checkpoint_path(options["negative"])) if "negative" in options else None
+        merge = _merge_weight(options["merge"], full_spec) if "merge" in options else 0.0
         if spec == "base":
-            out.append(Checkpoint("base"))
+            out.append(Checkpoint("base" if negative is None else "base+npo", None, negative, merge))
             continue
         name, sep, path = spec.partition("=")
         if not sep or Path(spec).exists():  # a path that itself contains '='
             name, path = "", spec
+        if path == "base":
+            out.append(Checkpoint(name or "base+npo", None, negative, merge))
+            continue
         resolved = resolve_checkpoint_path(path)
-        out.append(Checkpoint(name or _default_name(resolved), str(resolved)))
+        default = _default_name(resolved) + ("" if negative is None else "+npo")
+        out.append(Checkpoint(name or default, str(resolved), negative, merge))
     names = [c.name for c in out]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -101,6 +153,8 @@ def fingerprint(source: str | Path) -> str:
 def model_id(base: str, checkpoint: Checkpoint, *, dtype: str, device: str) -> str:
     """The identity used in generation-cache keys: base weights, applied checkpoint, dtype and device type."""
     ckpt = "base" if checkpoint.path is None else fingerprint(checkpoint.path)
+    if checkpoint.negative is not None:  # NPO CFG renders differently: its own cache entries
+        ckpt += f"~neg:{fingerprint(checkpoint.negative)}:m{checkpoint.negative_merge:g}"
     return f"{fingerprint(base)}+{ckpt}@{dtype}/{device.split(':')[0]}"
 
 
@@ -119,6 +173,12 @@ def load_pipeline_for(
     from workbench.models import apply_checkpoint, load_pipeline
 
     pipe = load_pipeline(base, family=family, torch_dtype=dtype or torch.float32, device=device, vae=vae)
+    if checkpoint.negative is not None:
+        from samplers.guidance import negative_guidance_pipeline
+
+        return negative_guidance_pipeline(
+            pipe, negative=checkpoint.negative, positive=checkpoint.path, merge=checkpoint.negative_merge
+        )
     if checkpoint.path is not None:
         pipe = apply_checkpoint(pipe, checkpoint.path)
     return pipe

@@ -309,3 +309,55 @@ def test_guidance_off_never_calls_the_negative_model(base: Any, tmp_path: Path, 
     guided = sample(pipe, PROMPTS, SEEDS, FAST)
     assert wrapper.calls["negative"] == FAST.steps and len(switched) == FAST.steps
     assert not torch.allclose(guided, sample(with_sampler(base, "euler"), PROMPTS, SEEDS, FAST), atol=1e-3)
+
+
+# -------------------------------------------------------------------------------------------- the CLI wiring
+def test_checkpoint_specs_carry_a_negative_model(toy: Any, tmp_path: Path) -> None:
+    from samplers.checkpoints import model_id, parse_checkpoints, with_negative
+
+    _write_lora(toy.unet, tmp_path / "npo", seed=3)
+    npo = str(tmp_path / "npo")
+    ckpts = parse_checkpoints(["base", f"cfg_npo=base,negative={npo},merge=0.5"])
+    assert [(c.name, c.path, c.negative, c.negative_merge) for c in ckpts] == [
+        ("base", None, None, 0.0),
+        ("cfg_npo", None, npo, 0.5),
+    ]
+    assert model_id(str(tmp_path), ckpts[0], dtype="fp32", device="cpu") != model_id(
+        str(tmp_path), ckpts[1], dtype="fp32", device="cpu"
+    )  # NPO-CFG images never come from plain CFG's cache entries
+    twins = with_negative(parse_checkpoints(["base"]), npo, 0.25)
+    assert [(c.name, c.negative_merge) for c in twins] == [("base", 0.0), ("base+npo", 0.25)]
+    with pytest.raises(ValueError, match=r"merge=2.0 is outside \[0, 1\]"):
+        parse_checkpoints([f"x=base,negative={npo},merge=2"])
+
+
+def test_eval_compares_plain_and_npo_cfg_on_identical_noise(tmp_path: Path) -> None:
+    """`workbench eval --negative NPO`: base and base+npo rendered from the same (prompt, seed) noise; the NPO LoRA
+    changes only the unconditional branch, so the images differ but the comparison is paired."""
+    import json
+
+    from workbench.cli import main
+    from workbench.toy.model import load_toy_pipeline
+
+    _write_lora(load_toy_pipeline().unet, tmp_path / "npo", seed=4)
+    args = ["eval", "--base", "toy", "--negative", str(tmp_path / "npo"), "--prompts", "toy:heldout"]
+    args += [
+        "--max-prompts",
+        "2",
+        "--seeds",
+        "0",
+        "--steps",
+        "2",
+        "-s",
+        "toy/centering",
+        "-o",
+        str(tmp_path / "ev"),
+    ]
+    args += ["--cache-dir", str(tmp_path / "cache")]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert set(report["means"]) == {"base", "base+npo"}
+    dirs = sorted(d for d in (tmp_path / "ev" / "images").iterdir() if d.is_dir())
+    assert len(dirs) == 2  # base and base+npo (folder names slugged)
+    a, b = ([p.read_bytes() for p in sorted(d.glob("*.png"))] for d in dirs)
+    assert len(a) == len(b) == 2 and a != b

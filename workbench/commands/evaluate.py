@@ -67,6 +67,7 @@ def default_seeds(n_prompts: int, min_items: int = MIN_ITEMS, first: int = FIRST
 
 def main(args: argparse.Namespace) -> int:
     from samplers import default_cache_dir, parse_checkpoints
+    from samplers.checkpoints import with_negative
     from workbench.commands.generate import (
         parse_seeds,
         resolve_base,
@@ -88,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
     specs = ["base", *[c for c in (args.checkpoints or []) if c != "base"]]
     plan = EvalPlan(
         base=resolve_base(args.base),
-        checkpoints=parse_checkpoints(specs),
+        checkpoints=with_negative(parse_checkpoints(specs), args.negative, args.negative_merge),
         prompts=prompts,
         seeds=seeds,
         sampling=sampling_config(args),

@@ -34,8 +34,23 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, checkpoints_default:
         action="append",
         dest="checkpoints",
         metavar="[NAME=]PATH",
-        help=f"'base', a LoRA folder / kohya .safetensors / UNet folder, or a training run directory "
+        help=f"'base', a LoRA folder / kohya .safetensors / UNet folder, or a training run directory; "
+        "',negative=NPO[,merge=M]' after it renders with an NPO model in the unconditional branch of CFG "
         f"(repeatable; default: {checkpoints_default})",
+    )
+    g.add_argument(
+        "--negative",
+        default=None,
+        metavar="NPO_CKPT",
+        help="Diffusion-NPO checkpoint: add an 'NAME+npo' twin of every checkpoint that uses it as the negative "
+        "model of classifier-free guidance (same noise, so plain and NPO CFG are compared item by item)",
+    )
+    g.add_argument(
+        "--negative-merge",
+        type=float,
+        default=0.0,
+        metavar="M",
+        help="merge weight m in theta_neg = theta_base + delta_npo + (1 - m)(theta_pos - theta_base) (default 0)",
     )
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument(
@@ -157,6 +172,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from samplers import generate_images, load_pipeline_for, noise_seed, parse_checkpoints, save_png
+    from samplers.checkpoints import with_negative
     from workbench.models import DTYPES
 
     prompts, _ = resolve_prompts(args)
@@ -164,7 +180,9 @@ def main(args: argparse.Namespace) -> int:
     cfg = sampling_config(args)
     device, dtype = resolve_device(args)
     base = resolve_base(args.base)
-    checkpoints = parse_checkpoints(args.checkpoints or ["base"])
+    checkpoints = with_negative(
+        parse_checkpoints(args.checkpoints or ["base"]), args.negative, args.negative_merge
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     items = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]

@@ -50,6 +50,11 @@ def main(args: argparse.Namespace) -> int:
 
     if not args.prompt_list and not args.prompts:
         args.prompts = "toy:train" if args.base == "toy" else None
+    if args.negative is not None:
+        raise ValueError(
+            "--negative adds NPO-CFG twins of each checkpoint, which would split synth's K samples between plain "
+            "and NPO CFG; give the negative per checkpoint instead: -c NAME=PATH,negative=NPO_CKPT[,merge=M]"
+        )
     prompts, spec = resolve_prompts(args)
     if not args.scorers:
         raise ValueError("--scorer: name a scorer (repeat for an ensemble); see `workbench ls`")
