@@ -17,6 +17,7 @@ from pydantic.fields import FieldInfo
 
 from samplers.noising import NOISING
 from trainers import OBJECTIVES
+from workbench.registry import Registry
 
 
 class _Strict(BaseModel):
@@ -191,16 +192,18 @@ class Cosine(_Strict):
 Scheduler = Annotated[Constant | ConstantWithWarmup | Cosine, Field(discriminator="name")]
 
 
-# Built from the registries, so a new noising method or objective needs only its module and one import.
-Noising = Annotated[
-    Union[tuple(m.config_cls for _, m in NOISING.items())],  # noqa: UP007
-    Field(discriminator="name"),
-]
+def registry_union(registry: Registry[Any]) -> Any:
+    """The discriminated union (on ``name``) of the config models registered in ``registry``."""
+    return Annotated[
+        Union[tuple(entry.config_cls for _, entry in registry.items())],  # noqa: UP007
+        Field(discriminator="name"),
+    ]
 
-ObjectiveConfig = Annotated[
-    Union[tuple(obj.config_cls for _, obj in OBJECTIVES.items())],  # noqa: UP007
-    Field(discriminator="name"),
-]
+
+# Built from the registries, so a new noising method or objective needs only its module and one import;
+# refresh_schema rebuilds them when a registry changes after import.
+Noising = registry_union(NOISING)
+ObjectiveConfig = registry_union(OBJECTIVES)
 
 
 # ------------------------------------------------------------------------------------------ train / val / logging
@@ -489,14 +492,7 @@ def refresh_schema() -> None:
     current = (OBJECTIVES.version, NOISING.version)
     if current == _SCHEMA_VERSIONS:
         return
-    objective = Annotated[
-        Union[tuple(obj.config_cls for _, obj in OBJECTIVES.items())],  # noqa: UP007
-        Field(discriminator="name"),
-    ]
-    noising = Annotated[
-        Union[tuple(m.config_cls for _, m in NOISING.items())],  # noqa: UP007
-        Field(discriminator="name"),
-    ]
+    objective, noising = registry_union(OBJECTIVES), registry_union(NOISING)
     RunConfig.model_fields["objective"] = FieldInfo.from_annotation(objective)  # pyright: ignore[reportArgumentType]  # an Annotated union is a valid annotation
     RunConfig.model_fields["noising"] = FieldInfo.from_annotated_attribute(
         Optional[noising],  # noqa: UP045  # pyright: ignore[reportArgumentType]  # same
