@@ -466,3 +466,89 @@ def test_every_registered_objective_trains_two_steps(workdir: Path, name: str):
             math.log(2), abs=1e-6
         )  # fresh LoRA: policy == reference
     assert (run_dir / "final" / "COMPLETE").is_file()
+
+
+# ------------------------------------------------------------------------------------------- the EMA reference
+def test_ema_teacher_update_and_checkpoint_round_trip(tmp_path: Path):
+    """theta_ema <- d theta_ema + (1 - d) theta for the trained weights only; save/load restores it exactly."""
+    from contextlib import nullcontext
+
+    from workbench.references import EMATeacher
+
+    policy = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    policy[1].requires_grad_(False)  # a frozen part: its EMA must stay equal to it
+    teacher = EMATeacher(unet=policy, dtype=torch.float32, autocast=nullcontext, decay=0.9)
+    start = policy[0].weight.detach().clone()
+    with torch.no_grad():
+        policy[0].weight.add_(1.0)
+        policy[1].weight.add_(5.0)  # not trained: ignored by the EMA
+    teacher.on_optimizer_step(policy)
+    ema = dict(teacher.module.named_parameters())
+    assert torch.allclose(ema["0.weight"], 0.9 * start + 0.1 * (start + 1.0), atol=1e-6)
+    assert not torch.equal(ema["1.weight"], policy[1].weight)
+    teacher.save(tmp_path / "reference")
+    other = EMATeacher(unet=policy, dtype=torch.float32, autocast=nullcontext, decay=0.9)
+    other.load(tmp_path / "reference")
+    assert torch.equal(dict(other.module.named_parameters())["0.weight"], ema["0.weight"])
+    with pytest.raises(ValueError, match=r"decay must be in \[0, 1\)"):
+        EMATeacher(unet=policy, dtype=torch.float32, autocast=nullcontext, decay=1.0)
+
+
+def test_an_ema_reference_follows_the_policy_and_resumes(workdir: Path):
+    """An objective asking for the "ema" reference (with its decay from the objective's config) gets it updated after
+    every optimizer step, saved in each checkpoint, and restored on resume; the loop names neither."""
+    from typing import Literal
+
+    from pydantic import BaseModel, ConfigDict
+
+    from trainers.base import OBJECTIVES, Needs, ObjectiveSpec, per_sample_error
+
+    class EmaProbe(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        name: Literal["ema_probe"] = "ema_probe"
+        decay: float = 0.5
+
+    def build(cfg, ctx):
+        def loss(pred, batch):
+            assert pred.reference is not None  # the EMA teacher predicted
+            return per_sample_error(pred.policy, pred.target).mean(), {}
+
+        return loss
+
+    spec = ObjectiveSpec(
+        config_cls=EmaProbe,
+        build=build,
+        needs=Needs(data="winners", min_k=1),
+        reference="ema",
+        reference_options=lambda cfg: {"decay": cfg.decay},
+    )
+    OBJECTIVES.register("ema_probe")(spec)
+    try:
+        common = [
+            "objective={name: ema_probe, decay: 0.5}",
+            "validation.prompts=[]",
+            "train.checkpoint_every=1",
+        ]
+        trainer = _trainer(SDXL_LORA, "run.name=ema", *common, "train.max_steps=2")
+        assert trainer.reference.decay == 0.5
+        lora = next(n for n in trainer.reference.trained if "lora_B" in n)
+        before = dict(trainer.reference.module.named_parameters())[lora].detach().clone()
+        run_dir = trainer.train()
+        after = dict(trainer.reference.module.named_parameters())[lora].detach().clone()
+        assert not torch.equal(before, after)  # the teacher moved with the policy
+        saved = run_dir / "checkpoints" / "step_000001" / "reference" / "ema.safetensors"
+        assert saved.is_file() and (run_dir / "final" / "reference" / "ema.safetensors").is_file()
+        resumed = _trainer(
+            SDXL_LORA,
+            "run.name=ema",
+            *common,
+            "train.max_steps=2",
+            "train.resume=" + str(saved.parent.parent),
+        )
+        resumed._maybe_resume()
+        from safetensors.torch import load_file
+
+        restored = dict(resumed.reference.module.named_parameters())[lora]
+        assert torch.equal(restored.detach(), load_file(str(saved))[lora])
+    finally:
+        OBJECTIVES.unregister("ema_probe")

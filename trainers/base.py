@@ -13,7 +13,8 @@ an objective:
   or no preference data at all), checked against the data when the config is validated and again when it is read;
 * ``noising`` / ``reference``: the default noising method (a name in ``samplers.noising.NOISING``) and which
   reference model it compares against (``"base"``: the pretrained weights, a frozen copy or the LoRA-disabled UNet;
-  ``None``: no reference forward at all);
+  another registered reference such as ``"ema"``, with ``reference_options(config)``; ``None``: no reference forward
+  at all);
 * ``margin``: the objective's own implicit reward margin per group (``> 0``: the policy prefers column 0 more than
   the reference does), from which the loop computes implicit accuracy; ``None`` when it has none;
 * ``progress``: metric keys shown in the progress bar.
@@ -94,7 +95,10 @@ class ObjectiveSpec:
     build: Callable[[Any, ObjectiveContext], LossFn]
     needs: Needs = Needs()
     noising: str = "forward"
-    reference: Literal["base"] | None = "base"
+    reference: str | None = "base"  # "base", a name in workbench.references.REFERENCES (e.g. "ema"), or None
+    reference_options: Callable[[Any], dict[str, Any]] | None = (
+        None  # config -> keyword options of the reference
+    )
     margin: MarginFn | None = None
     progress: tuple[str, ...] = ()
     summary: str = ""

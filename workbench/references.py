@@ -8,8 +8,15 @@ the policy's UNet while base images are rendered (validation grids show base bes
 * ``frozen_copy``: a frozen deep copy of the pretrained UNet for full fine-tunes (Salesforce ``train.py`` keeps
   ``ref_unet`` in ``weight_dtype``, the mixed-precision dtype), in ``model.reference_dtype``.
 
+* ``ema``: an exponential moving average of the policy, ``theta_ema <- d * theta_ema + (1 - d) * theta``, updated
+  after every optimizer step (Self-NPO's teacher: G-U-N/Diffusion-NPO ``Self-NPO/train.py``, decay 0.999), saved with
+  every checkpoint (``reference/ema.safetensors``) and restored on resume.
+
 An objective's spec asks for ``"base"`` (the pretrained weights; resolved by :func:`reference_for` to one of the two
-above from ``model.finetune``) or for no reference. An EMA teacher (Self-NPO) registers here in its own issue.
+above from ``model.finetune``), for a registered name such as ``"ema"``, or for no reference. Optional hooks a
+reference may have, which the loop calls when present: ``on_optimizer_step(policy)``, ``save(directory)``,
+``load(directory)``; ``reference_options`` on the spec passes keyword options (e.g. the EMA decay) from the
+objective's config.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import copy
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -51,7 +59,6 @@ def _cast_cond(cond: Cond, dtype: torch.dtype) -> Cond:
     return out
 
 
-@REFERENCES.register("lora_disabled")
 class LoraDisabled:
     """The policy's UNet with adapters off. ``forward`` is the (possibly accelerate-wrapped) policy module, whose
     ``__call__`` keeps DDP/FSDP hooks; ``unet`` is the unwrapped peft-carrying model."""
@@ -80,7 +87,6 @@ class LoraDisabled:
             yield self.unet
 
 
-@REFERENCES.register("frozen_copy")
 class FrozenCopy:
     """A frozen copy of the pretrained UNet in ``dtype`` (taken before any training step)."""
 
@@ -98,6 +104,69 @@ class FrozenCopy:
     @contextmanager
     def as_unet(self) -> Iterator[Any]:
         yield self.module
+
+
+class EMATeacher(FrozenCopy):
+    """An exponential moving average of the policy (a frozen copy at step 0, then ``update`` after each optimizer
+    step). Only the weights the policy trains move; the others stay equal to the policy's frozen ones."""
+
+    FILE = "ema.safetensors"
+
+    def __init__(
+        self,
+        *,
+        unet: torch.nn.Module,
+        dtype: torch.dtype,
+        autocast: Callable[[], Any],
+        decay: float = 0.999,
+        **_: Any,
+    ) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        super().__init__(unet=unet, dtype=dtype, autocast=autocast)
+        self.decay = decay
+        self.trained = [n for n, p in unet.named_parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def on_optimizer_step(self, policy: torch.nn.Module) -> None:
+        """``theta_ema <- d * theta_ema + (1 - d) * theta`` for every trained weight (in fp32, stored in ``dtype``)."""
+        mine = dict(self.module.named_parameters())
+        for name, p in policy.named_parameters():
+            if name in mine and p.requires_grad:
+                ema = mine[name]
+                ema.copy_((ema.float() * self.decay + p.detach().float() * (1 - self.decay)).to(ema.dtype))
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        params = dict(self.module.named_parameters())
+        save_file(
+            {n: params[n].detach().cpu().contiguous() for n in self.trained}, str(directory / self.FILE)
+        )
+
+    @torch.no_grad()
+    def load(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        path = directory / self.FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: the checkpoint has no EMA teacher state (saved by a run without it?)"
+            )
+        params = dict(self.module.named_parameters())
+        for name, value in load_file(str(path)).items():
+            if name not in params:
+                raise ValueError(
+                    f"{path}: weight {name!r} is not in this model; was it saved by another config?"
+                )
+            params[name].copy_(value.to(params[name].dtype))
+
+
+# Registered as statements (not decorators) so that type checkers keep them as classes.
+REFERENCES.register("lora_disabled")(LoraDisabled)
+REFERENCES.register("frozen_copy")(FrozenCopy)
+REFERENCES.register("ema")(EMATeacher)
 
 
 def compute_dtype(mixed_precision: str) -> torch.dtype:

@@ -204,6 +204,7 @@ class Trainer:
         if name is None:
             return None
         dtype = reference_dtype(cfg.model.reference_dtype, cfg.train.mixed_precision)
+        options = self.spec.reference_options(cfg.objective) if self.spec.reference_options else {}
         return REFERENCES.get(name)(
             unet=comps.unet,
             forward=lambda *a, **k: self.unet(
@@ -211,6 +212,7 @@ class Trainer:
             ),  # the prepared (DDP/FSDP-wrapped) module, once it exists
             dtype=dtype,
             autocast=lambda: self.accelerator.autocast(),
+            **options,
         )
 
     def _setup_data(self) -> None:
@@ -438,6 +440,9 @@ class Trainer:
                 set_lr(self.optimizer, lr_used)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                on_step = getattr(self.reference, "on_optimizer_step", None)
+                if on_step is not None:  # e.g. an EMA teacher follows the policy
+                    on_step(self.accelerator.unwrap_model(self.unet))
                 self.counters.step += 1
                 step = self.counters.step
                 now = time.perf_counter()
@@ -493,6 +498,9 @@ class Trainer:
                     f"train.resume: {path} is not a complete checkpoint (no {COMPLETE} marker)"
                 )
         self.accelerator.load_state(str(path / "training_state"))
+        load_reference = getattr(self.reference, "load", None)
+        if load_reference is not None:  # reference state that training changes (an EMA teacher)
+            load_reference(path / "reference")
         self.accelerator.unwrap_model(self.unet).train()  # modes are not part of the state
         print(f"[train] resumed from {path} at step {self.counters.step}", file=sys.stderr)
 
@@ -508,6 +516,10 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------- outputs
     def _export_weights(self, directory: Path) -> None:
         from workbench.models import save_lora
+
+        save_reference = getattr(self.reference, "save", None)
+        if save_reference is not None:
+            save_reference(directory / "reference")
 
         unet = self.accelerator.unwrap_model(self.unet)
         if self.cfg.model.finetune == "lora":
