@@ -32,6 +32,14 @@ class Checkpoint:
     def is_base(self) -> bool:
         return self.path is None and self.negative is None
 
+    def identity(self) -> dict[str, Any]:
+        """What identifies these weights in a dataset's plan: name and path, plus the negative model only when one
+        is used (so plans written before negative guidance existed still match)."""
+        out: dict[str, Any] = {"name": self.name, "path": self.path}
+        if self.negative is not None:
+            out |= {"negative": self.negative, "negative_merge": self.negative_merge}
+        return out
+
 
 def _split_options(spec: str) -> tuple[str, dict[str, str]]:
     """``"x=runs/a,negative=runs/npo,merge=0.5"`` -> ``("x=runs/a", {"negative": ..., "merge": "0.5"})``."""

@@ -80,13 +80,14 @@ def _module_dtype(module: torch.nn.Module) -> torch.dtype | None:
     return None
 
 
-def _cast_floats(x: Any, dtype: torch.dtype) -> Any:
+def cast_floats(x: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors in ``x`` (nested in dicts, lists, tuples) cast to ``dtype``; everything else as it is."""
     if isinstance(x, torch.Tensor):
         return x.to(dtype) if x.is_floating_point() else x
     if isinstance(x, dict):
-        return {k: _cast_floats(v, dtype) for k, v in x.items()}  # SDXL added_cond_kwargs
+        return {k: cast_floats(v, dtype) for k, v in x.items()}  # SDXL added_cond_kwargs
     if isinstance(x, (list, tuple)):
-        return type(x)(_cast_floats(v, dtype) for v in x)
+        return type(x)(cast_floats(v, dtype) for v in x)
     return x
 
 
@@ -101,7 +102,7 @@ def matched_dtypes(pipe: Any) -> Iterator[None]:
 
     def cast_inputs(dtype: torch.dtype) -> Any:
         def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
-            return _cast_floats(args, dtype), _cast_floats(kwargs, dtype)
+            return cast_floats(args, dtype), cast_floats(kwargs, dtype)
 
         return hook
 

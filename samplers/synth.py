@@ -24,7 +24,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -99,7 +99,7 @@ class SynthPlan:
         """What must match for a resumed run to continue an existing folder."""
         return {
             "base": self.base,
-            "checkpoints": [asdict(c) for c in self.checkpoints],
+            "checkpoints": [c.identity() for c in self.checkpoints],
             "n_prompts": len(self.prompts),
             "prompts_sha256": hashlib.sha256("\n".join(self.prompts).encode()).hexdigest(),
             "k": self.k,

@@ -34,6 +34,7 @@ from trainers.base import (
     ObjectiveContext,
     ObjectiveSpec,
     Predictions,
+    dpo_margin,
     require_reference,
 )
 from trainers.diffusion_dpo import beta_from_convention, diffusion_dpo_loss
@@ -90,8 +91,6 @@ def npo_loss(
 
 def npo_margin(pred: Predictions, batch: GroupBatch) -> torch.Tensor:
     """The implicit reward margin of the NPO winner (the human loser) over the human winner: minus DPO's."""
-    from trainers.base import dpo_margin
-
     return -dpo_margin(pred, batch)
 
 

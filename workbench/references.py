@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import torch
 
+from samplers.generate import cast_floats
 from workbench.registry import Registry
 
 Cond = dict[str, Any]
@@ -45,18 +46,6 @@ class Reference(Protocol):
 
 ReferenceFactory = Callable[..., Reference]
 REFERENCES: Registry[ReferenceFactory] = Registry("reference")
-
-
-def _cast_cond(cond: Cond, dtype: torch.dtype) -> Cond:
-    out: Cond = {}
-    for k, v in cond.items():
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            out[k] = v.to(dtype)
-        elif isinstance(v, dict):
-            out[k] = _cast_cond(v, dtype)  # SDXL added_cond_kwargs
-        else:
-            out[k] = v
-    return out
 
 
 class LoraDisabled:
@@ -99,7 +88,7 @@ class FrozenCopy:
     @torch.no_grad()
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         with self.autocast():
-            return self.module(x_t.to(self.dtype), t, **_cast_cond(cond, self.dtype)).sample.float()
+            return self.module(x_t.to(self.dtype), t, **cast_floats(cond, self.dtype)).sample.float()
 
     @contextmanager
     def as_unet(self) -> Iterator[Any]:

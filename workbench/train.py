@@ -568,7 +568,7 @@ def check_needs(objective: str, needs: Needs, records: list[Any]) -> None:
             f"objective {objective} needs one group size, but the data has groups of K = {ks}; keep one K per run."
         )
     if needs.soft_labels:
-        missing = next((r for r in records if getattr(r, "pref_prob", None) is None), None)
+        missing = next((r for r in records if r.pref_prob is None), None)
         if missing is not None:
             raise DataError(
                 f"objective {objective} needs soft preference labels; row {missing.row_id} has none "
