@@ -361,3 +361,11 @@ def test_eval_compares_plain_and_npo_cfg_on_identical_noise(tmp_path: Path) -> N
     assert len(dirs) == 2  # base and base+npo (folder names slugged)
     a, b = ([p.read_bytes() for p in sorted(d.glob("*.png"))] for d in dirs)
     assert len(a) == len(b) == 2 and a != b
+
+
+def test_checkpoint_identity_is_unchanged_without_a_negative() -> None:
+    """Synth plans written before negative guidance existed still match (they stored only name and path)."""
+    from samplers.checkpoints import Checkpoint
+
+    assert Checkpoint("x", "runs/a").identity() == {"name": "x", "path": "runs/a"}
+    assert Checkpoint("y", None, "runs/npo", 0.5).identity()["negative_merge"] == 0.5
