@@ -5,13 +5,13 @@ BIN := $(VENV)/bin
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: venv test lint typecheck pytest demo clean
+.PHONY: venv test lint typecheck pytest demo clean chromium
 
 # Created once and reused; torch is installed first so that pip never resolves a bare `torch` (multi-GB build).
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/pip install -q $(TORCH_PINS)
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,app]"
 	touch $@
 
 venv: $(BIN)/.installed
@@ -23,7 +23,14 @@ lint: venv
 typecheck: venv
 	$(BIN)/basedpyright
 
-pytest: venv
+# The app's browser test drives Debian's chromium with Playwright (Playwright cannot download browsers here);
+# installed when missing and possible (root + apt), otherwise that one test is skipped with a message.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null); } || \
+	  echo "chromium not installed (needs root and apt-get): the browser test will be skipped"
+
+pytest: venv chromium
 	$(BIN)/pytest -q --durations=10
 
 test: lint typecheck pytest
