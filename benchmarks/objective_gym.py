@@ -21,6 +21,11 @@ Usage::
     python benchmarks/objective_gym.py                      # the objective rows (sft, diffusion_dpo)
     python benchmarks/objective_gym.py --mitigations        # + the DPO fidelity-cost mitigations
     python benchmarks/objective_gym.py --rows diffusion_dpo --out runs/gym   # a subset; finished rows are reused
+    python benchmarks/objective_gym.py --negative           # + the NPO / Self-NPO guidance rows
+
+Rows name their target reward and guard-rail, their data builder (:data:`DATA`), and, for evaluation-only rows,
+which trained rows they render (``positive`` weights, a ``negative`` model in CFG's unconditional branch); rows they
+depend on are trained first.
 
 Trained rows are reused when ``OUT/rows/NAME/final/COMPLETE`` exists and the recipe is unchanged (``--fresh``
 retrains); generated images are cached (``$WORKBENCH_CACHE/generations``), so a rerun only evaluates what is new.
@@ -34,7 +39,8 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +55,14 @@ TEST_SEEDS = list(range(1000, 1013))
 
 @dataclass(frozen=True)
 class Row:
-    """One gym row: a recipe. ``data`` is ``rendered`` (off-policy centring pairs) or ``ensemble`` (on-policy samples
-    of the base, best vs worst under the z-score ensemble of centring and fidelity)."""
+    """One gym row: a recipe (``config`` + ``overrides``) trained on the data that builder ``data`` of :data:`DATA`
+    returns, or, with ``config=""``, an evaluation-only row that renders an earlier row's weights another way.
+
+    ``target`` / ``guard``: the reward the row is meant to raise and the guard-rail beside it. ``positive`` /
+    ``negative``: evaluation-time checkpoints by row name (``"base"`` = the base model): the row renders the
+    ``positive`` weights (default: its own) with the ``negative`` row's weights in the unconditional branch of CFG
+    (Diffusion-NPO inference, ``samplers.guidance``). ``versus``: another row (or ``"base"``) it is also compared with,
+    paired on the same items (e.g. NPO CFG vs plain CFG of the same positive weights)."""
 
     config: str
     overrides: tuple[str, ...] = ()
@@ -59,6 +71,20 @@ class Row:
     group: str = (
         "objective"  # "objective" rows: one per registered objective; "mitigation" rows: DPO variants
     )
+    target: str = TARGET
+    guard: str = GUARD
+    positive: str | None = None
+    negative: str | None = None
+    negative_merge: float = 0.0
+    versus: str | None = None
+
+    @property
+    def trains(self) -> bool:
+        return bool(self.config)
+
+    def needs(self) -> list[str]:
+        """Rows whose trained weights this row's evaluation uses."""
+        return [r for r in (self.positive, self.negative, self.versus) if r not in (None, "base")]
 
 
 #: The mitigation rows vary the previous demo recipe (300 steps, row "dpo 300 steps"); the DPO row is the toy recipe
@@ -115,6 +141,66 @@ ROWS: dict[str, Row] = {
         note="on-policy K=4 best/worst by z(centring) + z(fidelity)",
         group="mitigation",
     ),
+    # Negative preference (Diffusion-NPO, Self-NPO): the trained rows are negative models, meant for the
+    # unconditional branch of CFG; the "-cfg" rows render base or DPO weights with them there, compared with plain
+    # CFG of the same positive weights on identical noise. The negative branch sees the empty prompt at inference,
+    # so NPO recipes differ in how often they train on it (proportion_empty_prompts).
+    "npo": Row("configs/toy/npo.yaml", note="DPO on swapped pairs, captions only", group="negative"),
+    "npo empty=0.5": Row(
+        "configs/toy/npo.yaml",
+        ("data.proportion_empty_prompts=0.5",),
+        note="NPO with half the prompts empty (the branch it serves)",
+        group="negative",
+    ),
+    "npo-cfg": Row(
+        "", positive="base", negative="npo", note="base, NPO in the uncond branch", group="negative"
+    ),
+    "npo empty=0.5-cfg": Row(
+        "", positive="base", negative="npo empty=0.5", note="base, NPO(empty 0.5) uncond", group="negative"
+    ),
+    "dpo+npo-cfg": Row(
+        "",
+        positive="diffusion_dpo",
+        negative="npo",
+        versus="diffusion_dpo",
+        note="DPO LoRA, DPO+NPO in the uncond branch",
+        group="negative",
+    ),
+    "dpo+npo empty=0.5-cfg": Row(
+        "",
+        positive="diffusion_dpo",
+        negative="npo empty=0.5",
+        versus="diffusion_dpo",
+        note="DPO LoRA, DPO+NPO(empty 0.5) uncond",
+        group="negative",
+    ),
+    # Self-NPO is data-free (no preference, no reward): its target is general quality, here prompt fidelity.
+    "self_npo": Row(
+        "configs/toy/self_npo.yaml",
+        note="truncated diffusion fine-tuning on its own EMA teacher",
+        group="negative",
+        target=GUARD,
+        guard=TARGET,
+    ),
+    "self-npo-cfg": Row(
+        "",
+        positive="base",
+        negative="self_npo",
+        note="base, Self-NPO in the uncond branch",
+        group="negative",
+        target=GUARD,
+        guard=TARGET,
+    ),
+    "dpo+self-npo-cfg": Row(
+        "",
+        positive="diffusion_dpo",
+        negative="self_npo",
+        versus="diffusion_dpo",
+        note="DPO LoRA, DPO+Self-NPO in the uncond branch",
+        group="negative",
+        target=GUARD,
+        guard=TARGET,
+    ),
 }
 
 
@@ -132,48 +218,72 @@ def _slug(name: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------- data
-def rendered_pairs(out: Path, n: int, seed: int) -> tuple[Path, dict[str, Any]]:
+#: A data builder: ``(out, args) -> (sources, info)``; ``sources`` are ``data.sources`` entries (``format``, ``path``)
+#: for the row's config, ``info`` what the table records about the data. Built once per gym run, cached under OUT.
+Sources = list[dict[str, str]]
+DataBuilder = Callable[[Path, argparse.Namespace], tuple[Sources, dict[str, Any]]]
+
+
+def rendered_pairs(out: Path, args: argparse.Namespace) -> tuple[Sources, dict[str, Any]]:
+    """Off-policy centring pairs rendered by the toy world over the gym_train prompts (``workbench demo``'s data)."""
     from workbench.commands.demo import render_pairs
 
+    n, seed = args.pairs, 0
     path = out / "data" / f"rendered_{n}_{seed}.parquet"
     if not path.is_file():
         info = render_pairs(path, n, seed, split="gym_train")
         (path.with_suffix(".json")).write_text(json.dumps(info))
-    return path, json.loads(path.with_suffix(".json").read_text())
+    info = json.loads(path.with_suffix(".json").read_text())
+    return [{"format": "pickapic_parquet", "path": str(path.resolve())}], info
 
 
-def ensemble_pairs(out: Path, rounds: int) -> tuple[Path, dict[str, Any]]:
+def ensemble_pairs(out: Path, args: argparse.Namespace) -> tuple[Sources, dict[str, Any]]:
     """On-policy pairs: ``rounds`` x (105 gym_train prompts x K = 4 base samples, seeds 4r..4r+3), each group's best
     and worst under the z-score ensemble of toy/centering and toy/fidelity (``workbench synth``)."""
     from workbench.cli import main as cli
 
+    rounds = args.ensemble_rounds
     root = out / "data" / "ensemble"
     t = time.perf_counter()
     for r in range(rounds):
-        args = ["synth", "--base", "toy", "--prompts", "toy:gym_train", "-k", "4", "--first-seed", str(4 * r)]
-        args += ["--scorer", TARGET, "--scorer", GUARD, "--ensemble", "zscore", "--steps", "10"]
-        args += ["--guidance", "5", "--batch-size", "64", "-o", str(root / f"round{r}")]
-        if cli(args) != 0:
-            raise RuntimeError(f"workbench synth failed: {' '.join(args)}")
-    return root, {"rounds": rounds, "k": 4, "prompts": 105, "seconds": round(time.perf_counter() - t, 1)}
+        args_ = [
+            "synth",
+            "--base",
+            "toy",
+            "--prompts",
+            "toy:gym_train",
+            "-k",
+            "4",
+            "--first-seed",
+            str(4 * r),
+        ]
+        args_ += ["--scorer", TARGET, "--scorer", GUARD, "--ensemble", "zscore", "--steps", "10"]
+        args_ += ["--guidance", "5", "--batch-size", "64", "-o", str(root / f"round{r}")]
+        if cli(args_) != 0:
+            raise RuntimeError(f"workbench synth failed: {' '.join(args_)}")
+    sources = [
+        {"format": "pickapic_parquet", "path": str(p.resolve())} for p in sorted(root.glob("round*/pairs"))
+    ]
+    info = {"rounds": rounds, "k": 4, "prompts": 105, "seconds": round(time.perf_counter() - t, 1)}
+    return sources, info
+
+
+#: Data builders by name (``Row.data``).
+DATA: dict[str, DataBuilder] = {"rendered": rendered_pairs, "ensemble": ensemble_pairs}
 
 
 # ---------------------------------------------------------------------------------------------------- training
-def train_row(name: str, row: Row, out: Path, data_path: Path, base: str, fresh: bool) -> Trained:
+def train_row(name: str, row: Row, out: Path, sources: Sources, base: str, fresh: bool) -> Trained:
     from workbench.config import load_config, resolved_yaml
     from workbench.train import train
 
     run_dir = out / "rows" / _slug(name)
-    if row.data == "ensemble":
-        sources = ", ".join(
-            f"{{format: pickapic_parquet, path: {json.dumps(str(p.resolve()))}}}"
-            for p in sorted(data_path.glob("round*/pairs"))
-        )
-    else:
-        sources = f"{{format: pickapic_parquet, path: {json.dumps(str(data_path.resolve()))}}}"
+    listed = ", ".join(
+        "{" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in source.items()) + "}" for source in sources
+    )
     overrides = [
         f"model.source={json.dumps(str(Path(base).resolve()))}",
-        f"data.sources=[{sources}]",
+        f"data.sources=[{listed}]",
         f"run.output_dir={json.dumps(str(run_dir.parent.resolve()))}",
         f"run.name={run_dir.name}",
         "run.seed=0",
@@ -215,25 +325,38 @@ def _recipe_key(recipe_yaml: str) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- evaluation
-def evaluate(trained: list[Trained], base: str, out: Path, split: str, seeds: list[int]) -> dict[str, Any]:
-    """Base and every row on ``split`` x ``seeds``: per row and scorer, ``compare_to_base`` figures."""
+def checkpoint_spec(name: str, done: dict[str, Trained]) -> str:
+    """The ``NAME=PATH[,negative=NEG[,merge=M]]`` spec that renders row ``name`` (``samplers.parse_checkpoints``)."""
+    row = ROWS[name]
+    positive = row.positive or name
+    path = "base" if positive == "base" else str(done[positive].run_dir / "final")
+    spec = f"{_slug(name)}={path}"
+    if row.negative is not None:
+        neg = "base" if row.negative == "base" else str(done[row.negative].run_dir / "final")
+        spec += f",negative={neg},merge={row.negative_merge}"
+    return spec
+
+
+def evaluate(
+    names: list[str], done: dict[str, Trained], base: str, out: Path, split: str, seeds: list[int]
+) -> dict[str, Any]:
+    """Base and every row on ``split`` x ``seeds`` from identical initial noise; per row, ``compare_to_base``
+    figures for its target and guard-rail against the base and, where it names one, against its ``versus`` row."""
     from samplers import Checkpoint, SamplingConfig, default_cache_dir, parse_checkpoints
     from workbench.evaluation import EvalPlan, run_eval
     from workbench.prompts import toy_prompts
     from workbench.stats import compare_to_base
 
     prompts = toy_prompts(split)
-    ckpts = [
-        Checkpoint("base"),
-        *parse_checkpoints([f"{_slug(t.name)}={t.run_dir / 'final'}" for t in trained]),
-    ]
+    ckpts = [Checkpoint("base"), *parse_checkpoints([checkpoint_spec(n, done) for n in names])]
+    scorers = list(dict.fromkeys(s for n in names for s in (ROWS[n].target, ROWS[n].guard)))
     plan = EvalPlan(
         base=base,
         checkpoints=ckpts,
         prompts=prompts,
         seeds=seeds,
         sampling=SamplingConfig(sampler="euler", steps=10, guidance=5.0),
-        scorers=[TARGET, GUARD],
+        scorers=scorers,
         out_dir=out / "eval" / split,
         prompt_set=f"toy:{split}",
         batch_size=48,
@@ -241,13 +364,22 @@ def evaluate(trained: list[Trained], base: str, out: Path, split: str, seeds: li
     )
     result = run_eval(plan)
     item_prompts = [p for p, _ in plan.items]
+    base_scores = result.scores["base"]
     table: dict[str, Any] = {}
-    for t in trained:
-        scores = result.scores[_slug(t.name)]
-        table[t.name] = {
-            s: compare_to_base(scores[s], result.scores["base"][s], item_prompts) for s in (TARGET, GUARD)
+    for n in names:
+        row, scores = ROWS[n], result.scores[_slug(n)]
+        entry: dict[str, Any] = {
+            s: compare_to_base(scores[s], base_scores[s], item_prompts) for s in (row.target, row.guard)
         }
-        table[t.name]["base_mean"] = {s: float(result.scores["base"][s].mean()) for s in (TARGET, GUARD)}
+        entry["base_mean"] = {s: float(base_scores[s].mean()) for s in (row.target, row.guard)}
+        entry["mean"] = {s: float(scores[s].mean()) for s in (row.target, row.guard)}
+        if row.versus is not None:
+            other = base_scores if row.versus == "base" else result.scores[_slug(row.versus)]
+            entry["versus"] = {
+                "row": row.versus,
+                **{s: compare_to_base(scores[s], other[s], item_prompts) for s in (row.target, row.guard)},
+            }
+        table[n] = entry
     return {
         "split": split,
         "n_prompts": len(prompts),
@@ -266,37 +398,57 @@ def _rate(w: dict[str, Any]) -> str:
     return f"{b['estimate']:.2f} [{b['low']:.2f}, {b['high']:.2f}] ({w['wins']}/{w['losses']})"
 
 
-def guard_significant_loss(figures: dict[str, Any]) -> bool:
-    return figures[GUARD]["delta"]["high"] < 0
+def guard_significant_loss(figures: dict[str, Any], guard: str = GUARD) -> bool:
+    return figures[guard]["delta"]["high"] < 0
 
 
-def format_table(ev: dict[str, Any], trained: list[Trained], title: str) -> str:
+def format_table(ev: dict[str, Any], names: list[str], done: dict[str, Trained], title: str) -> str:
     head = [
         "row",
-        f"{TARGET} delta [95% CI]",
+        "target",
+        "delta vs base [95% CI]",
         "prompts won [95% CI] (W/L)",
-        f"{GUARD} delta [95% CI]",
-        "fidelity prompts won",
+        "guard-rail",
+        "delta vs base [95% CI]",
+        "prompts won (W/L)",
         "train s",
     ]
     lines = [f"{title}: {ev['n_prompts']} prompts x {len(ev['seeds'])} seeds, prompt-clustered intervals", ""]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
-    for t in trained:
-        r = ev["rows"][t.name]
+    for n in names:
+        row, r = ROWS[n], ev["rows"][n]
+        trained = done.get(n)
         cells = [
-            t.name,
-            _iv(r[TARGET]["delta"]),
-            _rate(r[TARGET]["prompt_win_rate"]),
-            _iv(r[GUARD]["delta"]),
-            _rate(r[GUARD]["prompt_win_rate"]),
-            f"{t.seconds:.0f}",
+            n,
+            row.target,
+            _iv(r[row.target]["delta"]),
+            _rate(r[row.target]["prompt_win_rate"]),
+            row.guard,
+            _iv(r[row.guard]["delta"]),
+            _rate(r[row.guard]["prompt_win_rate"]),
+            f"{trained.seconds:.0f}" if trained is not None and row.trains else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    base = next(iter(ev["rows"].values()))["base_mean"] if ev["rows"] else {}
-    if base:
+    versus = [n for n in names if "versus" in ev["rows"][n]]
+    if versus:
+        lines += ["", "paired on the same items (row minus the row it is compared with):", ""]
+        lines.append(
+            "| row | versus | target delta [95% CI] | prompts won (W/L) | guard-rail delta [95% CI] |"
+        )
+        lines.append("|---|---|---|---|---|")
+        for n in versus:
+            row, v = ROWS[n], ev["rows"][n]["versus"]
+            lines.append(
+                f"| {n} | {v['row']} | {_iv(v[row.target]['delta'])} | {_rate(v[row.target]['prompt_win_rate'])} "
+                f"| {_iv(v[row.guard]['delta'])} |"
+            )
+    means: dict[str, float] = {}
+    for n in names:
+        means |= ev["rows"][n]["base_mean"]
+    if means:
         lines.append("")
-        lines.append(f"base means: {TARGET} {base[TARGET]:.3f}, {GUARD} {base[GUARD]:.3f}")
+        lines.append("base means: " + ", ".join(f"{s} {m:.3f}" for s, m in means.items()))
     return "\n".join(lines)
 
 
@@ -306,9 +458,25 @@ def choose(ev: dict[str, Any], names: list[str]) -> str | None:
     ok = [
         n
         for n in names
-        if ev["rows"][n][TARGET]["delta"]["low"] > 0 and not guard_significant_loss(ev["rows"][n])
+        if ev["rows"][n][ROWS[n].target]["delta"]["low"] > 0
+        and not guard_significant_loss(ev["rows"][n], ROWS[n].guard)
     ]
-    return max(ok, key=lambda n: ev["rows"][n][TARGET]["delta"]["estimate"]) if ok else None
+    return max(ok, key=lambda n: ev["rows"][n][ROWS[n].target]["delta"]["estimate"]) if ok else None
+
+
+def with_dependencies(names: list[str]) -> list[str]:
+    """``names`` plus every row their evaluation needs, dependencies first, each once."""
+    ordered: list[str] = []
+
+    def visit(n: str) -> None:
+        for dep in ROWS[n].needs():
+            visit(dep)
+        if n not in ordered:
+            ordered.append(n)
+
+    for n in names:
+        visit(n)
+    return ordered
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--mitigations", action="store_true", help="add the DPO fidelity-cost mitigation rows"
     )
+    parser.add_argument("--negative", action="store_true", help="add the NPO / Self-NPO guidance rows")
     parser.add_argument("--out", default="runs/gym")
     parser.add_argument("--pairs", type=int, default=1000, help="rendered pairs (seed 0)")
     parser.add_argument(
@@ -340,46 +509,40 @@ def main(argv: list[str] | None = None) -> int:
     names = args.rows.split(",") if args.rows else [n for n, r in ROWS.items() if r.group == "objective"]
     if args.mitigations and not args.rows:
         names += [n for n, r in ROWS.items() if r.group == "mitigation"]
+    if args.negative and not args.rows:
+        names += [n for n, r in ROWS.items() if r.group == "negative"]
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+    names = with_dependencies(names)
     out = Path(args.out)
     base = resolve_base("toy")
     t0 = time.perf_counter()
-    rendered, rendered_info = rendered_pairs(out, args.pairs, 0)
-    print(
-        f"[gym] {rendered_info['pairs']} rendered pairs over {rendered_info['prompts']} gym_train prompts",
-        flush=True,
-    )
-    ensemble: tuple[Path, dict[str, Any]] | None = None
-    trained: list[Trained] = []
+    data: dict[str, tuple[Sources, dict[str, Any]]] = {}
+    done: dict[str, Trained] = {}
     for name in names:
         row = ROWS[name]
+        if not row.trains:
+            continue
         if args.max_steps is not None:
-            row = Row(
-                row.config,
-                (*row.overrides, f"train.max_steps={args.max_steps}"),
-                row.data,
-                row.note,
-                row.group,
-            )
-        if row.data == "ensemble" and ensemble is None:
-            ensemble = ensemble_pairs(out, args.ensemble_rounds)
-            print(f"[gym] ensemble pairs: {ensemble[1]}", flush=True)
-        data_path = ensemble[0] if row.data == "ensemble" and ensemble else rendered
-        done = train_row(name, row, out, data_path, base, args.fresh)
-        done.data = (ensemble[1] if row.data == "ensemble" and ensemble else rendered_info) | {
-            "kind": row.data
-        }
-        print(f"[gym] {name}: {'reused' if done.reused else 'trained'} ({done.seconds:.0f} s)", flush=True)
-        trained.append(done)
+            row = replace(row, overrides=(*row.overrides, f"train.max_steps={args.max_steps}"))
+        if row.data not in data:
+            data[row.data] = DATA[row.data](out, args)
+            print(f"[gym] data {row.data}: {data[row.data][1]}", flush=True)
+        sources, info = data[row.data]
+        trained = train_row(name, row, out, sources, base, args.fresh)
+        trained.data = info | {"kind": row.data}
+        print(
+            f"[gym] {name}: {'reused' if trained.reused else 'trained'} ({trained.seconds:.0f} s)", flush=True
+        )
+        done[name] = trained
 
-    val = evaluate(trained, base, out, "val", VAL_SEEDS[: args.val_seeds])
-    test = evaluate(trained, base, out, "heldout", TEST_SEEDS[: args.test_seeds])
+    val = evaluate(names, done, base, out, "val", VAL_SEEDS[: args.val_seeds])
+    test = evaluate(names, done, base, out, "heldout", TEST_SEEDS[: args.test_seeds])
     text = [
-        format_table(val, trained, "validation (recipe choice)"),
+        format_table(val, names, done, "validation (recipe choice)"),
         "",
-        format_table(test, trained, "held-out (reported)"),
+        format_table(test, names, done, "held-out (reported)"),
     ]
     mitigations = [n for n in names if ROWS[n].group == "mitigation"]
     if len(mitigations) > 1:
@@ -398,13 +561,21 @@ def main(argv: list[str] | None = None) -> int:
             )
     text.append(f"\nwall time {time.perf_counter() - t0:.0f} s; reports: {val['report']}, {test['report']}")
     print("\n".join(text))
-    (out / "gym.md").write_text("\n".join(text) + "\n")
+    stem = "gym" if args.rows is None else "gym_" + _slug("+".join(args.rows.split(",")))[:80]
+    (out / f"{stem}.md").write_text("\n".join(text) + "\n")
     summary = {
-        "rows": {t.name: {**asdict(ROWS[t.name]), "seconds": t.seconds, "data": t.data} for t in trained},
+        "rows": {
+            n: {
+                **asdict(ROWS[n]),
+                "seconds": done[n].seconds if n in done else None,
+                "data": done[n].data if n in done else None,
+            }
+            for n in names
+        },
         "validation": val,
         "heldout": test,
     }
-    (out / "gym.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / f"{stem}.json").write_text(json.dumps(summary, indent=2, default=str))
     return 0
 
 
