@@ -127,12 +127,15 @@ def resolve_prompts(args: argparse.Namespace) -> tuple[list[str], str]:
 
 
 def resolve_device(args: argparse.Namespace) -> tuple[str, str]:
+    return device_and_dtype(args.device, args.dtype)
+
+
+def device_and_dtype(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
+    """``auto`` resolved: cuda when available, else cpu; fp32 on the CPU, fp16 on CUDA."""
     import torch
 
-    device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = args.dtype
     if dtype == "auto":
         dtype = "fp32" if device == "cpu" else "fp16"
     return device, dtype
