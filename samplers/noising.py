@@ -128,3 +128,25 @@ def _build_forward(cfg: ForwardNoising) -> NoiseFn:
 NOISING.register("forward")(
     NoisingMethod(config_cls=ForwardNoising, build=_build_forward, summary="q(x_t | x_0), DDPM Eq. 4")
 )
+
+
+def noising_config(
+    default: str, options: dict[str, Any] | None = None, explicit: BaseModel | None = None
+) -> BaseModel:
+    """The noising config a run uses: ``explicit`` (the config's ``noising:`` section) or, when it is None, the
+    default method ``default`` (an objective spec's ``noising``). ``options`` (the spec's ``noising_options`` of the
+    objective config, e.g. RankDPO's ``{"share_noise": False}``) fill the fields ``noising:`` leaves unset; a field
+    it sets to another value is a contradiction and an error naming both. Options the chosen method does not have
+    (an inversion method has no ``share_noise``) do not apply to it."""
+    cfg = explicit if explicit is not None else NOISING.get(default).config_cls()
+    fields = type(cfg).model_fields
+    applicable = {k: v for k, v in (options or {}).items() if k in fields}
+    given = cfg.model_fields_set if explicit is not None else set[str]()
+    clash = {k: v for k, v in applicable.items() if k in given and getattr(cfg, k) != v}
+    if clash:
+        k, v = next(iter(clash.items()))
+        raise ValueError(
+            f"noising.{k}: {getattr(cfg, k)!r} contradicts the objective's setting ({k} = {v!r}, e.g. "
+            f"objective.noise); drop noising.{k} or change the objective's option"
+        )
+    return cfg.model_copy(update={k: v for k, v in applicable.items() if k not in given})

@@ -450,7 +450,10 @@ def test_references_registry():
 def test_every_registered_objective_trains_two_steps(workdir: Path, name: str):
     from trainers import OBJECTIVES
 
-    assert set(OBJECTIVES.names()) == {"diffusion_dpo", "npo", "sft"}, "add new objectives to this test"
+    # rankdpo reads ranking data: tests/test_rankdpo.py trains it two steps on mixed-K rankings
+    assert set(OBJECTIVES.names()) == {"diffusion_dpo", "npo", "rankdpo", "sft"}, (
+        "add new objectives to this test"
+    )
     trainer = _trainer(
         SDXL_LORA,
         f"run.name=two_{name}",

@@ -1,6 +1,6 @@
 """Preference objectives as pure functions, registered in ``OBJECTIVES`` (explicit imports, no discovery)."""
 
-from trainers import diffusion_dpo, npo, sft
+from trainers import diffusion_dpo, npo, rankdpo, sft
 from trainers.base import (
     OBJECTIVES,
     Needs,
@@ -19,5 +19,6 @@ __all__ = [
     "diffusion_dpo",
     "npo",
     "per_sample_error",
+    "rankdpo",
     "sft",
 ]

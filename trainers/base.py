@@ -11,7 +11,9 @@ an objective:
   ``(scalar loss, metrics)``;
 * ``needs``: what the batch must hold (pairs, K-wise rankings of fixed or variable K, soft labels, per-image scores,
   or no preference data at all), checked against the data when the config is validated and again when it is read;
-* ``noising`` / ``reference``: the default noising method (a name in ``samplers.noising.NOISING``) and which
+* ``noising`` / ``reference``: the default noising method (a name in ``samplers.noising.NOISING``, with
+  ``noising_options(config)``: fields of its config the objective's own options decide, such as RankDPO's
+  ``share_noise``; an explicit ``noising:`` section may leave them unset but not contradict them) and which
   reference model it compares against (``"base"``: the pretrained weights, a frozen copy or the LoRA-disabled UNet;
   another registered reference such as ``"ema"``, with ``reference_options(config)``; ``None``: no reference forward
   at all);
@@ -95,6 +97,9 @@ class ObjectiveSpec:
     build: Callable[[Any, ObjectiveContext], LossFn]
     needs: Needs = Needs()
     noising: str = "forward"
+    noising_options: Callable[[Any], dict[str, Any]] | None = (
+        None  # config -> fields of the noising config (e.g. share_noise) that `noising:` does not set itself
+    )
     reference: str | None = "base"  # "base", a name in workbench.references.REFERENCES (e.g. "ema"), or None
     reference_options: Callable[[Any], dict[str, Any]] | None = (
         None  # config -> keyword options of the reference

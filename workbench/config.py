@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origi
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
-from samplers.noising import NOISING
+from samplers.noising import NOISING, noising_config
 from trainers import OBJECTIVES
 from workbench.registry import Registry
 
@@ -297,6 +297,9 @@ class RunConfig(_Strict):
                     f"objective {name} needs soft preference labels; data.sources[{i}] is pickapic_parquet, whose "
                     "labels are 0 / 0.5 / 1. Use pair_jsonl with fractional prefer_0 / prefer_1."
                 )
+        spec = OBJECTIVES.get(name)
+        if spec.noising_options is not None:  # an explicit noising: section must not contradict the objective
+            noising_config(spec.noising, spec.noising_options(self.objective), self.noising)
         if self.validation.sampler:
             from samplers.schedulers import SAMPLERS
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from samplers.noising import NOISING, NoisingContext
+from samplers.noising import NOISING, NoisingContext, noising_config
 from trainers import OBJECTIVES, ObjectiveContext, Predictions
 from trainers.base import Needs
 from workbench.batch import GroupBatch, flatten_groups, repeat_per_image, unflatten_groups
@@ -187,7 +187,8 @@ class Trainer:
             scheduler=self.noise_scheduler,
         )
         self.loss_fn = self.spec.build(cfg.objective, context)
-        noising_cfg = cfg.noising or NOISING.get(self.spec.noising).config_cls()
+        options = self.spec.noising_options(cfg.objective) if self.spec.noising_options else None
+        noising_cfg = noising_config(self.spec.noising, options, cfg.noising)
         self.noise_fn = NOISING.get(noising_cfg.name).build(noising_cfg)  # pyright: ignore[reportAttributeAccessIssue]  # every noising config has a name
         self.validator = Validator(
             cfg.validation,
