@@ -927,3 +927,29 @@ def stats_text(ctx: AppContext, *, user: str | None = None) -> str:
     from apps.store import format_stats, vote_stats
 
     return format_stats(vote_stats(ctx.store, user_id=user))
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> AppSettings:
+    """App settings from a YAML file (keys = :class:`AppSettings` fields), then ``overrides`` (None = keep)."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(AppSettings)}
+    data: dict[str, Any] = {}
+    if path is not None:
+        from omegaconf import OmegaConf
+
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(f"--config {path}: no such file")
+        loaded = OmegaConf.to_container(OmegaConf.load(p), resolve=True)
+        if not isinstance(loaded, dict):
+            raise InputError(f"{path}: expected a mapping of app settings")
+        data = {str(k): v for k, v in loaded.items()}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(f"{path}: unknown app setting(s) {unknown}; known: {', '.join(sorted(known))}")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InputError(f"unknown app setting(s) {unknown}")
+    return AppSettings(**data)
