@@ -47,6 +47,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "workbench.commands.score",
         "score images or a generate manifest with registered scorers: table + JSON",
     ),
+    "app": (
+        "workbench.commands.app",
+        "the Gradio app: compare checkpoints, arena votes, curate your images (127.0.0.1, no share link)",
+    ),
+    "votes": ("workbench.commands.votes", "the app's vote store: export for training, statistics"),
 }
 
 
