@@ -18,6 +18,7 @@ from samplers.generate import (
     to_uint8,
     with_sampler,
 )
+from samplers import inversion  # registers the inversion noising methods (ddim_inversion, renoise_inversion)
 from samplers.guidance import NegativeGuidanceUNet, negative_guidance_pipeline
 from samplers.jobs import generate_images
 from samplers.noise import NOISE_RULE, generators, initial_noise, noise_seed
@@ -36,6 +37,7 @@ __all__ = [
     "generate_images",
     "generators",
     "initial_noise",
+    "inversion",
     "latent_shape",
     "load_image",
     "load_pipeline_for",

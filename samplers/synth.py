@@ -7,6 +7,8 @@ Layout of an output folder::
     images/SHARD/pPROMPT_kK.png     every sample
     pairs/shard-SHARD.parquet       Pick-a-Pic v2 layout: jpg_0, jpg_1 (PNG bytes), label_0, label_1, caption,
                                     plus score_0/1, seed_0/1, checkpoint_0/1, prompt_index, scorer
+                                    and, once every shard is done, soft_label_0/1 (SmPO's smoothed labels from the
+                                    scores, min / max over all shards: samplers.relabel)
     rankings/shard-SHARD.jsonl      {"prompt", "images" (best-first, relative to the file), "scores", ...}
     done/shard-SHARD.json           written last: the shard is complete and is skipped on resume
     rankings.jsonl                  all shards merged (paths relative to the folder), written when all are done
@@ -184,8 +186,11 @@ def run_synth(
             json.dumps({"prompts": [shard.start, shard.stop], "seconds": round(time.perf_counter() - ts, 2)}),
         )
         done += 1
-    if process_index == 0:
-        merge_rankings(out, len(plan.prompts), plan.shard_size)
+    if process_index == 0 and merge_rankings(out, len(plan.prompts), plan.shard_size) is not None:
+        from samplers.relabel import finalise_synth_pairs
+
+        # SmPO soft labels: min / max over every shard's scores
+        finalise_synth_pairs(out / "pairs", plan.scorer)
     return SynthResult(out, done, skipped, n_pairs, time.perf_counter() - t0)
 
 

@@ -296,3 +296,85 @@ def test_shipped_rankdpo_configs_validate():
     for name in ("configs/toy/rankdpo.yaml", "configs/sdxl/rankdpo.yaml"):
         cfg = load_config(ROOT / name, [])
         assert cfg.objective.name == "rankdpo"
+
+
+# ------------------------------------------------------------------------------------- Syn-Pic phi in synth
+def test_synpic_phi_on_a_hand_made_score_table():
+    """3 scorers x 4 samples; wins over (scorer, other sample), a tie counting 1/2, divided by n (K - 1) = 9:
+
+        scorer A (0.9, 0.5, 0.1, 0.3): wins 3, 2, 0, 1
+        scorer B (10, 30, 20, 5):      wins 1, 3, 2, 0
+        scorer C (1, 1, 0, 0):         wins 2.5, 2.5, 0.5, 0.5   (two ties)
+        total                               6.5, 7.5, 2.5, 1.5   -> phi = 13/18, 15/18, 5/18, 3/18  (sum = K/2 x n / n)
+
+    Two samples that split two scorers tie in phi (1/2 each)."""
+    from samplers.synth import ranking, synpic_phi
+
+    phi = synpic_phi([[0.9, 0.5, 0.1, 0.3], [10, 30, 20, 5], [1, 1, 0, 0]])
+    assert phi == pytest.approx([13 / 18, 15 / 18, 5 / 18, 3 / 18], abs=1e-12)
+    assert ranking(phi) == [1, 0, 2, 3]
+    assert synpic_phi([[1, 2], [2, 1]]) == [0.5, 0.5]
+    assert synpic_phi([[0.2, 0.7, 0.4]]) == [0.0, 1.0, 0.5]  # one scorer: wins / (K - 1)
+    with pytest.raises(ValueError, match="K >= 2"):
+        synpic_phi([[1.0]])
+
+
+class _TwoScorers:
+    """A stand-in ensemble with two members (brightness, redness) combined by the Syn-Pic win rate."""
+
+    def member_scores(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return {
+            "bright": images.mean(dim=(1, 2, 3)),
+            "red": images[:, 0].mean(dim=(1, 2)) - images.mean(dim=(1, 2, 3)),
+        }
+
+    def combine(self, per: dict[str, torch.Tensor], prompts: list[str]) -> torch.Tensor:
+        from rewards.ensemble import win_rate
+
+        return win_rate(torch.stack([per["bright"], per["red"]]), prompts)
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self.combine(self.member_scores(images, prompts), prompts)
+
+
+@pytest.mark.parametrize("rank_by", ["score", "phi"])
+def test_synth_writes_phi_and_every_scorers_scores(
+    tiny_fixtures: dict[str, Path], tmp_path: Path, rank_by: str
+):
+    """rankings.jsonl carries each scorer's raw scores and phi computed from them; with rank_by=phi the ranking's
+    scores are phi (what rankdpo reads), best-first, and the trainer's reader reads them."""
+    from samplers import Checkpoint, SamplingConfig, load_pipeline_for
+    from samplers.synth import SynthPlan, run_synth, synpic_phi
+    from workbench.data import read_records
+
+    base = str(tiny_fixtures["sdxl"])
+    pipe = load_pipeline_for(base, Checkpoint("base"))
+    plan = SynthPlan(
+        base=base,
+        checkpoints=[Checkpoint("base")],
+        prompts=["a red circle", "a blue square"],
+        k=4,
+        sampling=SamplingConfig(steps=1),
+        scorer="ensemble[winrate](bright,red)",
+        out_dir=tmp_path / "syn",
+        shard_size=2,
+        batch_size=8,
+        rank_by=rank_by,  # type: ignore[arg-type]
+    )
+    run_synth(plan, _TwoScorers(), lambda c: pipe)
+    lines = [json.loads(x) for x in (plan.out_dir / "rankings.jsonl").read_text().splitlines()]
+    assert len(lines) == 2
+    for line in lines:
+        table = line["scorer_scores"]
+        assert sorted(table) == ["bright", "red"] and all(len(v) == 4 for v in table.values())
+        assert line["phi"] == pytest.approx(synpic_phi([table["bright"], table["red"]]))
+        if rank_by == "phi":
+            assert line["scores"] == line["phi"] == sorted(line["phi"], reverse=True)
+        else:  # the ensemble's own value (here also a win rate) ranks; phi rides along
+            assert line["scores"] == sorted(line["scores"], reverse=True)
+    records, report = read_records(
+        [{"format": "ranking_jsonl", "path": str(plan.out_dir / "rankings.jsonl")}], group="ranking"
+    )
+    assert len(records) + report.ties_dropped == 2 and not report.skipped
+    identity = json.loads((plan.out_dir / "synth.json").read_text())["identity"]
+    assert ("rank_by" in identity) == (rank_by == "phi")  # folders written before the option still resume

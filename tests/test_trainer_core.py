@@ -450,8 +450,10 @@ def test_references_registry():
 def test_every_registered_objective_trains_two_steps(workdir: Path, name: str):
     from trainers import OBJECTIVES
 
-    # rankdpo reads ranking data: tests/test_rankdpo.py trains it two steps on mixed-K rankings
-    assert set(OBJECTIVES.names()) == {"diffusion_dpo", "npo", "rankdpo", "sft"}, (
+    # rankdpo reads ranking data: tests/test_rankdpo.py trains it two steps on mixed-K rankings; inpo:
+    # tests/test_inpo_smpo.py trains it two steps (ln 2 at step 0); smpo needs soft labels: tests/test_relabel.py
+    # trains it two steps on relabelled pairs
+    assert set(OBJECTIVES.names()) == {"diffusion_dpo", "inpo", "npo", "rankdpo", "sft", "smpo"}, (
         "add new objectives to this test"
     )
     trainer = _trainer(

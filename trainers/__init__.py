@@ -1,6 +1,6 @@
 """Preference objectives as pure functions, registered in ``OBJECTIVES`` (explicit imports, no discovery)."""
 
-from trainers import diffusion_dpo, npo, rankdpo, sft
+from trainers import diffusion_dpo, inpo, npo, rankdpo, sft, smpo
 from trainers.base import (
     OBJECTIVES,
     Needs,
@@ -17,8 +17,10 @@ __all__ = [
     "ObjectiveSpec",
     "Predictions",
     "diffusion_dpo",
+    "inpo",
     "npo",
     "per_sample_error",
     "rankdpo",
     "sft",
+    "smpo",
 ]

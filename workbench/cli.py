@@ -42,6 +42,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "workbench.commands.synth",
         "K scored samples per prompt -> preference pairs (parquet) + rankings",
     ),
+    "relabel": (
+        "workbench.commands.relabel",
+        "add scorer scores + SmPO soft labels to a pair dataset in place (resumable)",
+    ),
     "demo": ("workbench.commands.demo", "the main job end to end on CPU: toy pairs -> Diffusion-DPO -> eval"),
     "score": (
         "workbench.commands.score",

@@ -85,6 +85,11 @@ class DataSource(_Strict):
         ..., description="pickapic_parquet: jpg_0/jpg_1/label_0/label_1/caption (file or folder of shards)."
     )
     path: str
+    labels: Literal["human", "scorer"] = Field(
+        default="human",
+        description="human: the file's labels (label_0 / prefer_0). scorer: the soft labels and order written by "
+        "`workbench relabel` / `workbench synth` (soft_label_0 / soft_label_1; SmPO's smoothing).",
+    )
 
 
 class CacheSection(_Strict):
@@ -292,10 +297,16 @@ class RunConfig(_Strict):
                     f"{src.format} ({kind}). Use ranking_jsonl data (workbench synth writes rankings.jsonl) or a "
                     "pairwise objective."
                 )
-            if needs.soft_labels and src.format == "pickapic_parquet":
+            if needs.soft_labels and src.format == "pickapic_parquet" and src.labels != "scorer":
                 raise ValueError(
                     f"objective {name} needs soft preference labels; data.sources[{i}] is pickapic_parquet, whose "
-                    "labels are 0 / 0.5 / 1. Use pair_jsonl with fractional prefer_0 / prefer_1."
+                    f"human labels are 0 / 0.5 / 1. Score its pairs (`workbench relabel {src.path} --scorer NAME`) "
+                    f"and set data.sources[{i}].labels: scorer, or use pair_jsonl with fractional prefer_0 / prefer_1."
+                )
+            if src.labels == "scorer" and src.format == "ranking_jsonl":
+                raise ValueError(
+                    f"data.sources[{i}].labels: scorer applies to pairs (pickapic_parquet, pair_jsonl); "
+                    "ranking_jsonl is ordered by its own scores"
                 )
         spec = OBJECTIVES.get(name)
         if spec.noising_options is not None:  # an explicit noising: section must not contradict the objective

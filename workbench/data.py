@@ -9,6 +9,10 @@ per-image captions, scores (higher = better) and a user id. Readers:
   keep the file's image order with ``pref_prob = 0.5`` (a hard-label objective reads them as "image 0 wins", like
   the diffusers example; research/objectives.md section 3.3). ``score_0`` / ``score_1`` columns (what
   ``workbench synth`` adds) become the record's scores.
+* Soft labels from a scorer (``data.sources[].labels: scorer``): the ``soft_label_0`` / ``soft_label_1`` columns
+  (parquet) or keys (pair JSONL) that ``workbench relabel`` and ``workbench synth`` write (:mod:`samplers.relabel`)
+  decide the order (the higher first) and ``pref_prob = max(s0, s1) / (s0 + s1)``, SmPO's rule; human ties are still
+  dropped by ``drop_ties``, and rows without a soft label are skipped and reported.
 * Image-pair JSONL (``image_0``, ``image_1``, ``prefer_0``, ``prefer_1``, ``prompt``), paths relative to the file.
   ``prefer_*`` may be soft (0.7 / 0.3, or unnormalised counts such as votes): the preferred image goes first and
   ``pref_prob = max(p0, p1) / (p0 + p1)``. Equal values are a tie (dropped by default; kept: 0.5, file order).
@@ -94,7 +98,7 @@ def _parquet_files(path: Path) -> list[Path]:
 
 
 def read_pickapic_parquet(
-    path: str | Path, report: ReadReport, *, drop_ties: bool = True
+    path: str | Path, report: ReadReport, *, drop_ties: bool = True, labels: str = "human"
 ) -> Iterator[PreferenceRecord]:
     import pyarrow.parquet as pq
 
@@ -107,7 +111,10 @@ def read_pickapic_parquet(
                 f"{file}: missing Pick-a-Pic columns {sorted(missing)}; expected jpg_0, jpg_1, label_0, label_1, caption"
             )
         wanted = ("jpg_0", "jpg_1", "label_0", "label_1", "caption", "user_id", "score_0", "score_1")
+        wanted += ("soft_label_0", "soft_label_1")
         cols = [c for c in wanted if c in names]
+        if labels == "scorer" and not {"soft_label_0", "soft_label_1"} <= names:
+            raise DataError(_no_soft_labels(file))
         has_scores = {"score_0", "score_1"} <= names
         row = 0
         for batch in pf.iter_batches(batch_size=256, columns=cols):
@@ -131,6 +138,13 @@ def read_pickapic_parquet(
                     report.ties_dropped += 1
                     continue
                 swap = label0 == 0
+                pref = 0.5 if label0 == 0.5 else 1.0
+                if labels == "scorer":
+                    soft = _soft_pref(data["soft_label_0"][i], data["soft_label_1"][i])
+                    if soft is None:
+                        report.skip(rid, "no soft label (its images did not score); rerun workbench relabel")
+                        continue
+                    swap, pref = soft
                 images: list[ImageSource] = [img1, img0] if swap else [img0, img1]
                 scores = None
                 if has_scores and data["score_0"][i] is not None and data["score_1"][i] is not None:
@@ -143,8 +157,26 @@ def read_pickapic_parquet(
                     rid,
                     scores=scores,
                     user_id=None if user is None else str(user),
-                    pref_prob=0.5 if label0 == 0.5 else 1.0,
+                    pref_prob=pref,
                 )
+
+
+def _no_soft_labels(file: Path) -> str:
+    return (
+        f"{file}: data.sources[].labels is scorer, but it has no soft_label_0 / soft_label_1; add them with "
+        f"`workbench relabel {file} --scorer NAME` (or read the human labels: labels: human)"
+    )
+
+
+def _soft_pref(s0: Any, s1: Any) -> tuple[bool, float] | None:
+    """(swap, pref_prob) from a row's soft labels: the higher first; None when they are missing or invalid."""
+    try:
+        a, b = float(s0), float(s1)
+    except (TypeError, ValueError):
+        return None
+    if not (math.isfinite(a) and math.isfinite(b)) or a < 0 or b < 0 or a + b <= 0:
+        return None
+    return b > a, max(a, b) / (a + b)
 
 
 def _read_jsonl(path: Path, report: ReadReport) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -173,7 +205,7 @@ def _resolve(base: Path, p: Any) -> str:
 
 
 def read_pair_jsonl(
-    path: str | Path, report: ReadReport, *, drop_ties: bool = True
+    path: str | Path, report: ReadReport, *, drop_ties: bool = True, labels: str = "human"
 ) -> Iterator[PreferenceRecord]:
     path = Path(path)
     for rid, obj in _read_jsonl(path, report):
@@ -190,16 +222,26 @@ def read_pair_jsonl(
             report.ties_dropped += 1
             continue
         images: list[ImageSource] = [_resolve(path.parent, i0), _resolve(path.parent, i1)]
-        if p1 > p0:
+        swap, pref_prob = p1 > p0, (max(p0, p1) / (p0 + p1) if p0 + p1 > 0 else 0.5)
+        if labels == "scorer":
+            if "soft_label_0" not in obj:
+                raise DataError(_no_soft_labels(path))
+            soft = _soft_pref(obj.get("soft_label_0"), obj.get("soft_label_1"))
+            if soft is None:
+                report.skip(rid, "no soft label (its images did not score); rerun workbench relabel")
+                continue
+            swap, pref_prob = soft
+        if swap:
             images.reverse()
-        pref_prob = max(p0, p1) / (p0 + p1) if p0 + p1 > 0 else 0.5
         yield PreferenceRecord(str(prompt), images, rid, user_id=obj.get("user_id"), pref_prob=pref_prob)
 
 
 def read_ranking_jsonl(
-    path: str | Path, report: ReadReport, *, drop_ties: bool = True
+    path: str | Path, report: ReadReport, *, drop_ties: bool = True, labels: str = "human"
 ) -> Iterator[PreferenceRecord]:
     path = Path(path)
+    if labels != "human":
+        raise DataError(f"{path}: ranking_jsonl orders its images by its own scores; use labels: human")
     for rid, obj in _read_jsonl(path, report):
         images = obj.get("images")
         if not isinstance(obj.get("prompt"), str) or not isinstance(images, list) or len(images) < 2:
@@ -280,7 +322,8 @@ def read_records(
         path = src["path"] if isinstance(src, dict) else src.path
         if fmt not in READERS:
             raise DataError(f"data.sources[].format {fmt!r} unknown; use one of {sorted(READERS)}")
-        for rec in READERS[fmt](path, report, drop_ties=drop_ties):
+        labels = (src.get("labels") if isinstance(src, dict) else getattr(src, "labels", None)) or "human"
+        for rec in READERS[fmt](path, report, drop_ties=drop_ties, labels=labels):
             if group == "pair" and rec.k > 2:
                 rec = _best_vs_worst(rec)
             if rec.k < min_k:

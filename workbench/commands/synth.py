@@ -100,6 +100,10 @@ def main(args: argparse.Namespace) -> int:
         from samplers.synth import merge_rankings
 
         merged = merge_rankings(plan.out_dir, len(prompts), plan.shard_size)
+        if merged and state.num_processes > 1:  # single-process runs labelled them in run_synth
+            from samplers.relabel import finalise_synth_pairs
+
+            finalise_synth_pairs(plan.out_dir / "pairs", plan.scorer)
         print(
             f"process {state.process_index}: {result.shards_done} shard(s) written, {result.shards_skipped} "
             f"already done, {result.pairs} pairs in {result.seconds:.0f} s"
