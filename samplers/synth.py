@@ -9,9 +9,20 @@ Layout of an output folder::
                                     plus score_0/1, seed_0/1, checkpoint_0/1, prompt_index, scorer
                                     and, once every shard is done, soft_label_0/1 (SmPO's smoothed labels from the
                                     scores, min / max over all shards: samplers.relabel)
-    rankings/shard-SHARD.jsonl      {"prompt", "images" (best-first, relative to the file), "scores", ...}
+    rankings/shard-SHARD.jsonl      {"prompt", "images" (best-first, relative to the file), "scores", "phi",
+                                    "scorer_scores" {scorer: per image}, ...}, all lists in the "images" order
     done/shard-SHARD.json           written last: the shard is complete and is skipped on resume
     rankings.jsonl                  all shards merged (paths relative to the folder), written when all are done
+
+Ranking (``rank_by``): ``score`` orders a prompt's samples by the scorer's (or the ensemble's) value, written as
+``scores``; ``phi`` is the Syn-Pic recipe (Karthik et al. 2024, arXiv 2410.18013, Algorithm 1, what RankDPO trains
+on): ``phi_i = wins_i / (n (K - 1))``, ``wins_i`` counting the (scorer, other sample) comparisons sample i wins over
+the n scorers (an ensemble's members, or the one scorer), and ``scores`` is phi. Every line carries ``phi`` and each
+scorer's raw scores (``scorer_scores``) whichever key ranks. Ties, explicitly: a tie between two samples under one
+scorer counts 1/2 to each (``rewards.ensemble.win_rate``; Algorithm 1's strict ``>`` would give both nothing, so phi
+would no longer sum to K / 2 per scorer); samples tied in phi keep sample order in the file and have no pair
+(``preference_pairs`` needs a positive gap; RankDPO gives tied images their mean rank and no pair term); a prompt
+whose samples all tie is dropped by the ranking reader (``data.drop_ties``).
 
 Sample ``k`` of a prompt comes from checkpoint ``k % len(checkpoints)`` with seed ``first_seed + k`` (initial noise
 by the shared rule in :mod:`samplers.noise`). Shard ``c`` holds prompts ``[c * shard_size, (c + 1) * shard_size)``;
@@ -36,12 +47,26 @@ from samplers.generate import from_uint8, png_bytes, save_png
 from samplers.jobs import generate_images
 
 PairMode = Literal["best-worst", "all"]
+RankBy = Literal["score", "phi"]
 
 
 # ----------------------------------------------------------------------------------------------------- pure rules
 def ranking(scores: Sequence[float]) -> list[int]:
     """Indices best-first (higher score first; equal scores keep sample order)."""
     return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+
+
+def synpic_phi(table: Sequence[Sequence[float]]) -> list[float]:
+    """Syn-Pic phi of one prompt's K samples from ``table[s][i]`` (scorer s's score of sample i): ``phi_i =
+    wins_i / (n (K - 1))`` over the n scorers, a tie counting 1/2 (see the module docstring)."""
+    import torch
+
+    from rewards.ensemble import win_rate
+
+    t = torch.tensor([list(row) for row in table], dtype=torch.float64)  # [n, K]
+    if t.ndim != 2 or t.shape[0] < 1 or t.shape[1] < 2:
+        raise ValueError(f"synpic_phi needs a [n scorers, K >= 2 samples] table, got shape {tuple(t.shape)}")
+    return [float(v) for v in win_rate(t, [""] * t.shape[1])]
 
 
 def preference_pairs(
@@ -95,6 +120,7 @@ class SynthPlan:
     device: str = "cpu"
     dtype: str = "fp32"
     prompt_set: str = "custom"
+    rank_by: RankBy = "score"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def identity(self) -> dict[str, Any]:
@@ -111,6 +137,7 @@ class SynthPlan:
             "min_gap": self.min_gap,
             "first_seed": self.first_seed,
             "shard_size": self.shard_size,
+            **({"rank_by": self.rank_by} if self.rank_by != "score" else {}),  # older folders still resume
         }
 
 
@@ -172,15 +199,26 @@ def run_synth(
                     images[items[i]] = img
         # score whole prompt groups together (ensembles that rank within a prompt need all K at once)
         scores: dict[tuple[int, int], float] = {}
+        members: dict[tuple[int, int], dict[str, float]] = {}  # each scorer's raw score (Syn-Pic phi's table)
         group = max(1, plan.batch_size // plan.k)
         shard_list = list(shard)
         for g in range(0, len(shard_list), group):
             keys = [(p, k) for p in shard_list[g : g + group] for k in range(plan.k)]
             x = from_uint8([images[key] for key in keys]).to(plan.device)
+            texts = [plan.prompts[p] for p, _ in keys]
             with torch.no_grad():
-                s = scorer(x, [plan.prompts[p] for p, _ in keys]).float().cpu().numpy()
+                # an ensemble: its members' scores, then their combination
+                if hasattr(scorer, "member_scores"):
+                    ensemble: Any = scorer
+                    per = ensemble.member_scores(x, texts)
+                    s = ensemble.combine(per, texts).float().cpu().numpy()
+                else:
+                    s = scorer(x, texts).float().cpu().numpy()
+                    per = {plan.scorer: torch.from_numpy(s)}
             scores.update(zip(keys, s.tolist()))
-        n_pairs += _write_shard(out, tag, plan, shard_list, images, scores)
+            for i, key in enumerate(keys):
+                members[key] = {name: float(v[i]) for name, v in per.items()}
+        n_pairs += _write_shard(out, tag, plan, shard_list, images, scores, members)
         _atomic_write(
             out / "done" / f"shard-{tag}.json",
             json.dumps({"prompts": [shard.start, shard.stop], "seconds": round(time.perf_counter() - ts, 2)}),
@@ -201,6 +239,7 @@ def _write_shard(
     prompt_ids: list[int],
     images: dict[tuple[int, int], np.ndarray],
     scores: dict[tuple[int, int], float],
+    members: dict[tuple[int, int], dict[str, float]],
 ) -> int:
     rows: dict[str, list[Any]] = {
         c: []
@@ -225,7 +264,10 @@ def _write_shard(
     for p in prompt_ids:
         prompt = plan.prompts[p]
         paths = [save_png(images[(p, k)], out / "images" / tag / f"p{p:06d}_k{k}.png") for k in range(plan.k)]
-        s = [scores[(p, k)] for k in range(plan.k)]
+        names = list(members[(p, 0)])
+        table = {name: [members[(p, k)][name] for k in range(plan.k)] for name in names}
+        phi = synpic_phi(list(table.values()))
+        s = phi if plan.rank_by == "phi" else [scores[(p, k)] for k in range(plan.k)]
         order = ranking(s)
         rank_lines.append(
             json.dumps(
@@ -233,6 +275,8 @@ def _write_shard(
                     "prompt": prompt,
                     "images": [os.path.relpath(paths[k], out / "rankings") for k in order],
                     "scores": [s[k] for k in order],
+                    "phi": [phi[k] for k in order],
+                    "scorer_scores": {name: [v[k] for k in order] for name, v in table.items()},
                     "seeds": [plan.first_seed + k for k in order],
                     "checkpoints": [plan.checkpoints[k % n_ckpt].name for k in order],
                     "prompt_index": p,

@@ -31,6 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("winrate", "rank", "zscore"),
         help="how several scorers combine (rewards.ensemble; winrate = Syn-Pic)",
     )
+    parser.add_argument(
+        "--rank-by",
+        default="score",
+        choices=("score", "phi"),
+        help="order samples by the scorer's / ensemble's value, or by the Syn-Pic phi (RankDPO's data): the win "
+        "rate over (scorer, other sample) comparisons, written as the ranking's scores",
+    )
     parser.add_argument("--pairs", default="best-worst", choices=("best-worst", "all"))
     parser.add_argument("--min-gap", type=float, default=0.0, help="keep pairs whose score gap exceeds this")
     parser.add_argument("--first-seed", type=int, default=0, help="sample k uses seed first_seed + k")
@@ -87,6 +94,7 @@ def main(args: argparse.Namespace) -> int:
         device=device,
         dtype=dtype,
         prompt_set=spec,
+        rank_by=args.rank_by,
     )
     result = run_synth(
         plan,
