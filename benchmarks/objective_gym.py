@@ -22,6 +22,7 @@ Usage::
     python benchmarks/objective_gym.py --mitigations        # + the DPO fidelity-cost mitigations
     python benchmarks/objective_gym.py --rows diffusion_dpo --out runs/gym   # a subset; finished rows are reused
     python benchmarks/objective_gym.py --negative           # + the NPO / Self-NPO guidance rows
+    python benchmarks/objective_gym.py --ranked             # + RankDPO vs DPO on best/worst of the same rankings
 
 Rows name their target reward and guard-rail, their data builder (:data:`DATA`), and, for evaluation-only rows,
 which trained rows they render (``positive`` weights, a ``negative`` model in CFG's unconditional branch); rows they
@@ -201,7 +202,50 @@ ROWS: dict[str, Row] = {
         target=GUARD,
         guard=TARGET,
     ),
+    # Ranked preferences (RankDPO, arXiv 2410.18013): on-policy K = 4 rankings by the Syn-Pic phi over the four
+    # per-attribute toy rewards (data "ranked"); target prompt fidelity. RankDPO trains on every ranking, DPO on each
+    # ranking's (best, worst) pair of the same samples, with the same steps and groups per step (RankDPO's groups hold
+    # 4 images, DPO's 2). Recipe (steps) chosen per objective on the validation split; "versus" pairs the two.
+    "rankdpo ranked": Row(
+        "configs/toy/rankdpo.yaml",
+        data="ranked",
+        note="RankDPO on the full rankings, 200 steps",
+        group="ranked",
+        target=GUARD,
+        guard=TARGET,
+        versus="dpo ranked best/worst",
+    ),
+    "dpo ranked best/worst": Row(
+        "configs/toy/dpo.yaml",
+        data="ranked",
+        note="Diffusion-DPO on each ranking's best/worst pair, 200 steps",
+        group="ranked",
+        target=GUARD,
+        guard=TARGET,
+    ),
+    "rankdpo ranked 400 steps": Row(
+        "configs/toy/rankdpo.yaml",
+        ("train.max_steps=400",),
+        data="ranked",
+        note="RankDPO on the full rankings, 400 steps",
+        group="ranked",
+        target=GUARD,
+        guard=TARGET,
+        versus="dpo ranked best/worst 400 steps",
+    ),
+    "dpo ranked best/worst 400 steps": Row(
+        "configs/toy/dpo.yaml",
+        ("train.max_steps=400",),
+        data="ranked",
+        note="Diffusion-DPO on each ranking's best/worst pair, 400 steps",
+        group="ranked",
+        target=GUARD,
+        guard=TARGET,
+    ),
 }
+
+#: The per-attribute toy rewards (the parts of toy/fidelity) that rank the "ranked" data, Syn-Pic style.
+RANK_SCORERS = ("toy/colour", "toy/shape", "toy/size", "toy/background")
 
 
 @dataclass
@@ -268,8 +312,54 @@ def ensemble_pairs(out: Path, args: argparse.Namespace) -> tuple[Sources, dict[s
     return sources, info
 
 
+def ranked_groups(out: Path, args: argparse.Namespace) -> tuple[Sources, dict[str, Any]]:
+    """On-policy rankings: ``rounds`` x (105 gym_train prompts x K = 4 base samples, seeds 4r..4r+3), ranked by the
+    Syn-Pic phi (win rate over (scorer, other sample) comparisons) of the four per-attribute toy rewards
+    (``workbench synth --rank-by phi``). Ranking objectives read whole rankings; pairwise ones read each ranking's
+    (best, worst) pair; groups whose four samples all tie in phi are dropped by the reader for both."""
+    from workbench.cli import main as cli
+
+    rounds = args.ranked_rounds
+    root = out / "data" / "ranked"
+    t = time.perf_counter()
+    for r in range(rounds):
+        args_ = [
+            "synth",
+            "--base",
+            "toy",
+            "--prompts",
+            "toy:gym_train",
+            "-k",
+            "4",
+            "--first-seed",
+            str(4 * r),
+        ]
+        args_ += [a for s in RANK_SCORERS for a in ("--scorer", s)]
+        args_ += ["--ensemble", "winrate", "--rank-by", "phi", "--steps", "10", "--guidance", "5"]
+        args_ += ["--batch-size", "64", "-o", str(root / f"round{r}")]
+        if cli(args_) != 0:
+            raise RuntimeError(f"workbench synth failed: {' '.join(args_)}")
+    files = [p / "rankings.jsonl" for p in sorted(root.glob("round*"))][:rounds]
+    lines = [json.loads(x) for f in files for x in f.read_text().splitlines()]
+    info = {
+        "rounds": rounds,
+        "k": 4,
+        "prompts": 105,
+        "rankings": len(lines),
+        "all_tied": sum(line["scores"][0] == line["scores"][-1] for line in lines),
+        "best_phi_mean": round(sum(line["scores"][0] for line in lines) / max(1, len(lines)), 3),
+        "scorers": list(RANK_SCORERS),
+        "seconds": round(time.perf_counter() - t, 1),
+    }
+    return [{"format": "ranking_jsonl", "path": str(f.resolve())} for f in files], info
+
+
 #: Data builders by name (``Row.data``).
-DATA: dict[str, DataBuilder] = {"rendered": rendered_pairs, "ensemble": ensemble_pairs}
+DATA: dict[str, DataBuilder] = {
+    "rendered": rendered_pairs,
+    "ensemble": ensemble_pairs,
+    "ranked": ranked_groups,
+}
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -488,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
         "--mitigations", action="store_true", help="add the DPO fidelity-cost mitigation rows"
     )
     parser.add_argument("--negative", action="store_true", help="add the NPO / Self-NPO guidance rows")
+    parser.add_argument("--ranked", action="store_true", help="add RankDPO vs DPO on the same ranked samples")
+    parser.add_argument("--ranked-rounds", type=int, default=3, help="x 105 prompts x K=4 ranked samples")
     parser.add_argument("--out", default="runs/gym")
     parser.add_argument("--pairs", type=int, default=1000, help="rendered pairs (seed 0)")
     parser.add_argument(
@@ -511,6 +603,8 @@ def main(argv: list[str] | None = None) -> int:
         names += [n for n, r in ROWS.items() if r.group == "mitigation"]
     if args.negative and not args.rows:
         names += [n for n, r in ROWS.items() if r.group == "negative"]
+    if args.ranked and not args.rows:
+        names += [n for n, r in ROWS.items() if r.group == "ranked"]
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
