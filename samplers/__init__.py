@@ -19,6 +19,7 @@ from samplers.generate import (
     with_sampler,
 )
 from samplers import inversion  # registers the inversion noising methods (ddim_inversion, renoise_inversion)
+from samplers import truncated  # registers Self-NPO's truncated_teacher noising
 from samplers.guidance import NegativeGuidanceUNet, negative_guidance_pipeline
 from samplers.jobs import generate_images
 from samplers.noise import NOISE_RULE, generators, initial_noise, noise_seed
@@ -51,5 +52,6 @@ __all__ = [
     "sample",
     "save_png",
     "to_uint8",
+    "truncated",
     "with_sampler",
 ]

@@ -11,7 +11,9 @@ methods (DDIM inversion for InPO, ReNoise for SmPO) register in :mod:`samplers.i
 
 Symbols: ``x0`` clean latents, ``eps`` unit Gaussian noise, ``t`` integer timesteps, ``alphas_cumprod[t]`` =
 ``abar_t``; ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``. Returned ``eps`` is the noise the target is derived
-from (for inversion: re-derived from ``x_t``), so ``x_t`` and ``eps`` always satisfy that equation.
+from (for inversion: re-derived from ``x_t``), so ``x_t`` and ``eps`` always satisfy that equation, with ``x0`` the
+batch's clean latents or, where a method returns its own (``Noised.x0``: Self-NPO's teacher estimate in
+:mod:`samplers.truncated`), that one; the target is derived from the same pair.
 """
 
 from __future__ import annotations
@@ -36,16 +38,25 @@ class Noised:
     x_t: torch.Tensor
     t: torch.Tensor
     eps: torch.Tensor
+    x0: torch.Tensor | None = (
+        None  # the clean latent eps is derived from, when not the batch's (Self-NPO: a teacher's)
+    )
+
+
+#: ``(x_t [B, K, C, h, w], t [B, K]) -> (prompt-conditioned, unconditional)`` reference outputs, no gradient.
+GuidedDenoiser = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
 class NoisingContext:
-    """What a noising method may use: the training scheduler (``alphas_cumprod``, ``add_noise``) and, for inversion,
-    the policy as a denoiser conditioned on the batch's prompts."""
+    """What a noising method may use: the training scheduler (``alphas_cumprod``, ``add_noise``); for inversion, the
+    policy as a denoiser conditioned on the batch's prompts; for teacher chains (Self-NPO), the reference model's
+    conditional and unconditional outputs (``teacher``)."""
 
     scheduler: Any
     denoiser: Denoiser | None = None
     prediction_type: str = "epsilon"
+    teacher: GuidedDenoiser | None = None
 
 
 NoiseFn = Callable[[torch.Tensor, torch.Generator, NoisingContext], Noised]

@@ -452,8 +452,8 @@ def test_every_registered_objective_trains_two_steps(workdir: Path, name: str):
 
     # rankdpo reads ranking data: tests/test_rankdpo.py trains it two steps on mixed-K rankings; inpo:
     # tests/test_inpo_smpo.py trains it two steps (ln 2 at step 0); smpo needs soft labels: tests/test_relabel.py
-    # trains it two steps on relabelled pairs
-    assert set(OBJECTIVES.names()) == {"diffusion_dpo", "inpo", "npo", "rankdpo", "sft", "smpo"}, (
+    # trains it two steps on relabelled pairs; self_npo (an EMA teacher, LoRA and full): tests/test_self_npo.py
+    assert set(OBJECTIVES.names()) == {"diffusion_dpo", "inpo", "npo", "rankdpo", "self_npo", "sft", "smpo"}, (
         "add new objectives to this test"
     )
     trainer = _trainer(

@@ -1,6 +1,6 @@
 """Preference objectives as pure functions, registered in ``OBJECTIVES`` (explicit imports, no discovery)."""
 
-from trainers import diffusion_dpo, inpo, npo, rankdpo, sft, smpo
+from trainers import diffusion_dpo, inpo, npo, rankdpo, self_npo, sft, smpo
 from trainers.base import (
     OBJECTIVES,
     Needs,
@@ -21,6 +21,7 @@ __all__ = [
     "npo",
     "per_sample_error",
     "rankdpo",
+    "self_npo",
     "sft",
     "smpo",
 ]

@@ -16,7 +16,8 @@ an objective:
   ``share_noise``; an explicit ``noising:`` section may leave them unset but not contradict them) and which
   reference model it compares against (``"base"``: the pretrained weights, a frozen copy or the LoRA-disabled UNet;
   another registered reference such as ``"ema"``, with ``reference_options(config)``; ``None``: no reference forward
-  at all);
+  at all); ``reference_forward=False`` when the reference only serves the noising method (Self-NPO's EMA teacher
+  drives the truncated chain) and the loss needs no reference prediction at ``x_t``;
 * ``margin``: the objective's own implicit reward margin per group (``> 0``: the policy prefers column 0 more than
   the reference does), from which the loop computes implicit accuracy; ``None`` when it has none;
 * ``progress``: metric keys shown in the progress bar.
@@ -74,7 +75,8 @@ class Predictions:
 
     ``policy``: the trainable model's output (with gradient); ``reference``: the reference model's output (no
     gradient) or ``None`` when the objective uses none; ``target``: what the model is trained to predict (epsilon or
-    v); ``t``: ``[B, K]`` timesteps; ``x_t``: the noised latents; ``x0``: the clean latents.
+    v); ``t``: ``[B, K]`` timesteps; ``x_t``: the noised latents; ``x0``: the clean latents the target is derived
+    from (the batch's, or the noising method's own estimate: Self-NPO's teacher x0).
     """
 
     policy: torch.Tensor
@@ -103,6 +105,9 @@ class ObjectiveSpec:
     reference: str | None = "base"  # "base", a name in workbench.references.REFERENCES (e.g. "ema"), or None
     reference_options: Callable[[Any], dict[str, Any]] | None = (
         None  # config -> keyword options of the reference
+    )
+    reference_forward: bool = (
+        True  # False: the reference only serves the noising (a teacher), no forward at x_t
     )
     margin: MarginFn | None = None
     progress: tuple[str, ...] = ()

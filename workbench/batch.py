@@ -59,3 +59,19 @@ def unflatten_groups(x: torch.Tensor, k: int) -> torch.Tensor:
 def repeat_per_image(x: torch.Tensor, k: int) -> torch.Tensor:
     """Per-group conditioning ``[B, ...] -> [B*K, ...]`` aligned with :func:`flatten_groups`."""
     return x.repeat_interleave(k, dim=0)
+
+
+def first_column(batch: GroupBatch) -> GroupBatch:
+    """The batch reduced to column 0 (the preferred image) of every group, ``K = 1``: for objectives that use only
+    the winners (SFT) or no preference at all (Self-NPO), so the other images are never run through a model. Every
+    random draw that built ``batch`` is unchanged."""
+    return GroupBatch(
+        latents=batch.latents[:, :1],
+        prompt_embeds=batch.prompt_embeds,
+        pooled_embeds=batch.pooled_embeds,
+        time_ids=None if batch.time_ids is None else batch.time_ids[:, :1],
+        indices=batch.indices,
+        mask=None,
+        pref_prob=None,
+        scores=None if batch.scores is None else batch.scores[:, :1],
+    )

@@ -240,6 +240,13 @@ class PreferenceCache:
     def __len__(self) -> int:
         return len(self.items)
 
+    def text_embedding(self, prompt: str) -> dict[str, torch.Tensor]:
+        """The cached text embeddings of ``prompt`` (a prompt of the data, or ``""``): ``prompt_embeds [L, D]`` and,
+        for SDXL, ``pooled_embeds [P]``."""
+        if prompt not in self._text:
+            raise KeyError(f"prompt {prompt!r} is not in the text cache (only the data's prompts and '' are)")
+        return self._text[prompt]
+
     def batch(
         self, indices: list[int], generator: torch.Generator, *, empty_prompt_prob: float, hflip: bool
     ) -> GroupBatch:

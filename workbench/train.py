@@ -32,7 +32,7 @@ import torch
 from samplers.noising import NOISING, NoisingContext, noising_config
 from trainers import OBJECTIVES, ObjectiveContext, Predictions
 from trainers.base import Needs
-from workbench.batch import GroupBatch, flatten_groups, repeat_per_image, unflatten_groups
+from workbench.batch import GroupBatch, first_column, flatten_groups, repeat_per_image, unflatten_groups
 from workbench.checkpointing import (
     COMPLETE,
     Counters,
@@ -295,6 +295,41 @@ class Trainer:
             }
         return cond
 
+    def _unconditional(self, batch: GroupBatch) -> dict[str, Any]:
+        """The unconditional branch's conditioning for the flat ``[B*K]`` batch, as the official Self-NPO scripts
+        build it: SDXL, zero prompt and pooled embeddings with the images' own micro-conditioning (``train_xl.py``
+        L1034-1039, and SDXL's ``force_zeros_for_empty_prompt``); SD1.5/2.x, the encoded empty prompt
+        (``train.py`` L904-910)."""
+        cond = self._conditioning(batch)
+        if "added_cond_kwargs" in cond:
+            return {
+                "encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"]),
+                "added_cond_kwargs": {
+                    "text_embeds": torch.zeros_like(cond["added_cond_kwargs"]["text_embeds"]),
+                    "time_ids": cond["added_cond_kwargs"]["time_ids"],
+                },
+            }
+        empty = self.cache.text_embedding("")["prompt_embeds"].to(cond["encoder_hidden_states"])
+        return {"encoder_hidden_states": empty.expand_as(cond["encoder_hidden_states"]).contiguous()}
+
+    def _teacher(self, batch: GroupBatch, cond: dict[str, Any]) -> Any:
+        """The reference as a guided teacher for noising methods that need one: ``(x_t, t) -> (conditional,
+        unconditional)`` outputs ``[B, K, ...]``, both branches in one batched forward, no gradient."""
+        reference, k = self.reference, batch.shape[1]
+        if reference is None:
+            return None
+        uncond = self._unconditional(batch)
+        both = _cat_conditioning(cond, uncond)
+
+        @torch.no_grad()
+        def teacher(x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x, tt = flatten_groups(x_t), flatten_groups(t)
+            n = x.shape[0]
+            out = reference.predict(torch.cat([x, x]), torch.cat([tt, tt]), both)
+            return unflatten_groups(out[:n], k), unflatten_groups(out[n:], k)
+
+        return teacher
+
     def predictions(self, batch: GroupBatch, *, with_reference: bool = True) -> Predictions:
         """Noise the groups with the objective's noising method, run the policy on all K images of every group in
         one forward and the reference without gradient. Every tensor of the result is ``[B, K, ...]``."""
@@ -312,8 +347,12 @@ class Trainer:
         noised = self.noise_fn(
             x0,
             self.noise_generator,
-            NoisingContext(self.noise_scheduler, denoiser, self.components.prediction_type),
+            NoisingContext(
+                self.noise_scheduler, denoiser, self.components.prediction_type, self._teacher(batch, cond)
+            ),
         )
+        if noised.x0 is not None:  # the method's own clean latent (Self-NPO: the teacher's x0 estimate)
+            x0 = noised.x0
         x_t, t = flatten_groups(noised.x_t), flatten_groups(noised.t)
         target = training_target(
             self.noise_scheduler,
@@ -324,7 +363,9 @@ class Trainer:
         )
         with acc.autocast():
             pred = self.unet(x_t, t, **cond).sample  # all K images of every group in one forward
-        ref = self.reference.predict(x_t, t, cond) if with_reference and self.reference is not None else None
+        ref = None
+        if with_reference and self.reference is not None and self.spec.reference_forward:
+            ref = self.reference.predict(x_t, t, cond)
         return Predictions(
             policy=unflatten_groups(pred, k),
             reference=None if ref is None else unflatten_groups(ref, k),
@@ -335,6 +376,10 @@ class Trainer:
         )
 
     def compute_loss(self, batch: GroupBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if (
+            self.spec.needs.data == "winners"
+        ):  # only column 0 is used: the others are not run through the models
+            batch = first_column(batch)
         return self.loss_fn(self.predictions(batch), batch)
 
     @torch.no_grad()
@@ -384,8 +429,8 @@ class Trainer:
         old_term = signal.signal(signal.SIGTERM, on_term) if _in_main_thread() else None
         nonfinite_in_row = 0
         t_last = time.perf_counter()
-        if self.counters.step == 0 and self.reference is None and acc.is_main_process:
-            # No reference to render the base from later: the policy is still the base now.
+        if self.counters.step == 0 and not self._reference_is_base() and acc.is_main_process:
+            # No reference that stays the base (none, or an EMA teacher that moves): the policy is the base now.
             self.validator.render_base(acc.unwrap_model(self.unet))
         try:
             while self.counters.step < cfg.train.max_steps:
@@ -537,18 +582,30 @@ class Trainer:
         return save_final(self.accelerator, self.run_dir, self.counters.step, self._export_weights)
 
     # -------------------------------------------------------------------------------------------- validation
+    def _reference_is_base(self) -> bool:
+        """Whether the reference holds the pretrained weights for the whole run (not an EMA teacher that moves)."""
+        return self.reference is not None and self.spec.reference == "base"
+
     def validate(self, step: int) -> Path | None:
         """Base and tuned images for the fixed validation prompts x seeds, from identical initial noise (the
         samplers' rule). Main process only; a failure is reported and training continues."""
         acc = self.accelerator
         if not self.validator.enabled or not acc.is_main_process:
             return None
-        base = None if self.reference is None else self.reference.as_unet
+        base = self.reference.as_unet if self._reference_is_base() and self.reference is not None else None
         record = self.validator.run(step, acc.unwrap_model(self.unet), base)
         if record is not None and len(record) > 1:
             self._log(record)
         path = self.validator.out_dir / f"step_{step:06d}.png"
         return path if path.is_file() else None
+
+
+def _cat_conditioning(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two flat conditionings stacked along the batch (``a`` first), nested ``added_cond_kwargs`` included."""
+    out: dict[str, Any] = {}
+    for key, value in a.items():
+        out[key] = _cat_conditioning(value, b[key]) if isinstance(value, dict) else torch.cat([value, b[key]])
+    return out
 
 
 def check_needs(objective: str, needs: Needs, records: list[Any]) -> None:
