@@ -94,6 +94,15 @@ DPO300 = "train.max_steps=300"
 ROWS: dict[str, Row] = {
     "sft": Row("configs/toy/sft.yaml", note="SFT on the winners (Diffusion-DPO train.py --sft)"),
     "diffusion_dpo": Row("configs/toy/dpo.yaml", note="the toy recipe: beta 2000, lr 5e-4, 200 steps"),
+    "inpo": Row(
+        "configs/toy/inpo.yaml",
+        note="DPO recipe on policy-DDIM-inverted latents (10-step grid, eta 0.1), 200 steps",
+    ),
+    "smpo": Row(
+        "configs/toy/smpo.yaml",
+        data=f"rendered, soft labels by {TARGET}",
+        note="ReNoise inversion (5 x 2) + soft labels from the target reward, beta 2000, gamma 10, 200 steps",
+    ),
     "dpo 300 steps": Row(
         "configs/toy/dpo.yaml",
         (DPO300,),
@@ -354,11 +363,36 @@ def ranked_groups(out: Path, args: argparse.Namespace) -> tuple[Sources, dict[st
     return [{"format": "ranking_jsonl", "path": str(f.resolve())} for f in files], info
 
 
+def relabelled_pairs(scorer: str) -> DataBuilder:
+    """The rendered pairs with SmPO soft labels from ``scorer`` (``samplers.relabel``: min / max from the data, the
+    scorer's order), read with ``labels: scorer``; a copy under OUT/data, resumable."""
+
+    def build(out: Path, args: argparse.Namespace) -> tuple[Sources, dict[str, Any]]:
+        import rewards
+        from samplers.relabel import relabel
+
+        (source,), info = rendered_pairs(out, args)
+        path = out / "data" / f"soft_{_slug(scorer)}_{Path(source['path']).name}"
+        if not (path.with_name(path.name + ".relabel") / "done.json").is_file():
+            shutil.copy(source["path"], path)
+            result = relabel(path, "pickapic_parquet", rewards.build_scorer(scorer), scorer, batch_size=64)
+            (path.with_suffix(".json")).write_text(
+                json.dumps(
+                    info | {"scorer": scorer, "score_min": result.score_min, "score_max": result.score_max}
+                )
+            )
+        info = json.loads(path.with_suffix(".json").read_text())
+        return [{"format": "pickapic_parquet", "path": str(path.resolve()), "labels": "scorer"}], info
+
+    return build
+
+
 #: Data builders by name (``Row.data``).
 DATA: dict[str, DataBuilder] = {
     "rendered": rendered_pairs,
     "ensemble": ensemble_pairs,
     "ranked": ranked_groups,
+    f"rendered, soft labels by {TARGET}": relabelled_pairs(TARGET),
 }
 
 
