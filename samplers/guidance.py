@@ -397,3 +397,73 @@ def negative_guidance_pipeline(
     new = with_sampler(base_pipe, sampler, unet=wrapper)
     new.__class__ = _guided_class(type(new))
     return new
+
+
+@torch.no_grad()
+def negative_unet_for(
+    positive: nn.Module,
+    theta_base: Mapping[str, torch.Tensor],
+    negative: str | Path,
+    merge: float,
+    *,
+    pipe: Any,
+    sampler: str = "euler",
+    positive_is_base: bool = False,
+) -> NegativeGuidanceUNet:
+    """Negative-model guidance around an in-memory positive UNet (training validation, where the positive model is
+    the policy being trained): ``theta_neg = theta_base + delta_npo + (1 - m)(theta_pos - theta_base)`` with
+    ``theta_pos`` the positive module's current weights (a LoRA policy: its base weights plus its adapters' deltas;
+    a full one: its weights) and ``theta_base`` the pretrained weights (views are fine: nothing here writes them).
+
+    The negative model is a separate UNet built from the merged state dict (on the meta device first, so no random
+    initialisation is paid); ``positive`` is used as it is, adapters included. ``pipe`` lends its ``load_lora_weights``
+    to read a LoRA ``negative`` (any checkpoint :func:`negative_guidance_pipeline` accepts). ``positive_is_base``: the
+    positive module renders the base weights (a LoRA UNet with its adapters switched off), so ``theta_pos`` is
+    ``theta_base`` whatever adapters it carries."""
+    from diffusers import UNet2DConditionModel
+
+    if not 0.0 <= merge <= 1.0:
+        raise ValueError(f"merge must be in [0, 1], got {merge}")
+    neg_w = _classify(negative)
+    plain: Any = positive
+    config = plain.config
+    pos_delta: Mapping[str, torch.Tensor] | None
+    if positive_is_base:
+        pos_delta = None
+    elif getattr(plain, "peft_config", None):
+        pos_delta = {}
+        for adapter in plain.active_adapters():
+            for k, d in lora_deltas(plain, adapter).items():
+                pos_delta[k] = pos_delta[k] + d if k in pos_delta else d
+    else:
+        pos_delta = _FullDelta(plain, theta_base)
+    with torch.device("meta"):
+        scratch: Any = UNet2DConditionModel.from_config(config)
+    dtype = next(iter(theta_base.values())).dtype
+    if neg_w.kind == "full":
+        neg_full = _load_unet(neg_w, plain)
+        npo_delta: Mapping[str, torch.Tensor] = _FullDelta(neg_full, theta_base)
+    else:
+        scratch.load_state_dict(
+            dict(theta_base), assign=True
+        )  # the base weights, shared, to read the LoRA into
+        view = with_sampler(pipe, sampler, unet=scratch)
+        _load_adapter(view, neg_w, NEGATIVE_ADAPTER)
+        npo_delta = {k: v.clone() for k, v in lora_deltas(scratch, NEGATIVE_ADAPTER).items()}
+        del view, scratch
+        with torch.device("meta"):
+            scratch = UNet2DConditionModel.from_config(config)
+    theta_neg = merge_negative_state(theta_base, npo_delta, pos_delta, merge)
+    scratch.load_state_dict({k: v.to(dtype) for k, v in theta_neg.items()}, assign=True)
+    scratch.requires_grad_(False).eval()
+    wrapper = NegativeGuidanceUNet(positive, scratch)
+    return wrapper
+
+
+def guided_view(pipe: Any, unet: NegativeGuidanceUNet, sampler: str) -> Any:
+    """``pipe`` with ``unet`` in place of its UNet and ``sampler``, which tells the wrapper from its
+    ``guidance_scale`` whether each call's batch is doubled (diffusers' rule), as :func:`negative_guidance_pipeline`
+    does."""
+    new = with_sampler(pipe, sampler, unet=unet)
+    new.__class__ = _guided_class(type(new))
+    return new

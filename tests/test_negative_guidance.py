@@ -369,3 +369,74 @@ def test_checkpoint_identity_is_unchanged_without_a_negative() -> None:
 
     assert Checkpoint("x", "runs/a").identity() == {"name": "x", "path": "runs/a"}
     assert Checkpoint("y", None, "runs/npo", 0.5).identity()["negative_merge"] == 0.5
+
+
+# ------------------------------------------------------------------------------- an in-memory positive (validation)
+@pytest.mark.parametrize("merge", [0.0, 0.25])
+def test_negative_for_an_in_memory_lora_policy_follows_the_formula(
+    base: Any, tmp_path: Path, merge: float
+) -> None:
+    """Training validation's negative: theta_neg = theta_base + delta_npo + (1 - m) delta_pos with the positive a
+    LoRA-carrying UNet in memory (the policy); with positive_is_base the positive delta is left out."""
+    from samplers.guidance import base_state, negative_unet_for
+    from workbench.models import add_lora
+
+    a_n, b_n, s_n = _write_lora(base.unet, tmp_path / "npo", seed=1)
+    policy: Any = copy.deepcopy(base.unet)
+    add_lora(
+        policy, rank=2, alpha=2.0, target_modules=["to_q", "to_k"], dropout=0.0, init="default"
+    )  # scale 1
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    layer = _layer_name(base.unet)
+    lora: Any = policy.get_submodule(layer)
+    delta_pos = lora.lora_B["default"].weight @ lora.lora_A["default"].weight
+    theta = _weight(base.unet, layer)
+    wrapper = negative_unet_for(policy, base_state(policy), tmp_path / "npo", merge, pipe=base)
+    expected = theta + s_n * (b_n @ a_n) + (1 - merge) * delta_pos
+    assert torch.allclose(_weight(wrapper.negative_model, layer), expected, atol=1e-5)
+    assert wrapper.positive is policy and not any(p.is_meta for p in wrapper.negative_model.parameters())
+    as_base = negative_unet_for(
+        policy, base_state(policy), tmp_path / "npo", merge, pipe=base, positive_is_base=True
+    )
+    assert torch.allclose(_weight(as_base.negative_model, layer), theta + s_n * (b_n @ a_n), atol=1e-5)
+    assert torch.equal(_weight(base.unet, layer), theta)  # nothing wrote the base weights
+
+
+def test_training_validation_renders_with_a_negative_model(workdir: Path) -> None:
+    """validation.negative: both validation rows render under negative-model guidance (a LoRA checkpoint in the
+    unconditional branch: here the first run's own LoRA, standing in for an NPO model), so both rows differ from
+    plain CFG's from identical noise; validation reports no error."""
+    from workbench.config import load_config
+    from workbench.train import Trainer
+
+    root = Path(__file__).parents[1]
+
+    def run(name: str, *extra: str) -> Trainer:
+        cfg = load_config(
+            root / "configs/tiny/sdxl_dpo_lora.yaml",
+            [
+                "logging.tensorboard=false",
+                f"run.name={name}",
+                "train.max_steps=1",
+                "optimizer.lr=0.05",  # a LoRA far enough from zero to change the images
+                "validation.prompts=[a red square]",
+                "validation.seeds=[0]",
+                "validation.num_inference_steps=2",
+                *extra,
+            ],
+        )
+        trainer = Trainer(cfg, show_progress=False)
+        trainer.setup()
+        trainer.train()
+        assert not trainer.validator.errors, trainer.validator.errors
+        return trainer
+
+    plain = run("val_plain")
+    guided = run("val_npo", f"validation.negative={plain.run_dir / 'final'}", "validation.negative_merge=0.5")
+    assert plain.validator.base is not None and guided.validator.base is not None
+    assert not torch.allclose(plain.validator.base, guided.validator.base, atol=1e-3)
+    assert (guided.run_dir / "validation" / "step_000001.png").is_file()

@@ -258,6 +258,15 @@ class ValidationSection(_Strict):
         default_factory=list, description="Registered scorer names logged as reward/<name>."
     )
     scorer_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    negative: str | None = Field(
+        default=None,
+        description="An NPO / Self-NPO checkpoint (LoRA or full UNet, or a run) in the unconditional branch of CFG "
+        "for both rows: theta_neg = theta_base + delta_npo + (1 - m)(theta_pos - theta_base), theta_pos = the policy "
+        "(tuned row) or the base (base row).",
+    )
+    negative_merge: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="m in the formula above (official 0)."
+    )
 
 
 class LoggingSection(_Strict):

@@ -197,7 +197,20 @@ class Trainer:
             autocast=acc.autocast,
             out_dir=self.run_dir / "validation",
             scorers=self._build_scorers(),
+            base_weights=self._base_weights(),
         )
+
+    def _base_weights(self) -> Any:
+        """``() -> theta_base``, the pretrained UNet weights as a state dict of views (negative-model guidance in
+        validation merges them), or None where the run keeps no copy of them (a full fine-tune whose reference is
+        not the base)."""
+        from samplers.guidance import base_state
+
+        if self.cfg.model.finetune == "lora":
+            return lambda: base_state(self.accelerator.unwrap_model(self.unet))
+        if self._reference_is_base() and self.reference is not None:
+            return lambda: base_state(self.reference.module)
+        return None
 
     def _build_reference(self) -> Any:
         cfg, comps = self.cfg, self.components

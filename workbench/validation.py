@@ -33,9 +33,11 @@ class Validator:
         autocast: Any,
         out_dir: Path,
         scorers: dict[str, Any],
+        base_weights: Callable[[], Any] | None = None,
     ) -> None:
         self.vcfg, self.pipe, self.resolution, self.autocast = vcfg, pipe, resolution, autocast
         self.out_dir, self.scorers = out_dir, scorers
+        self.base_weights = base_weights  # () -> theta_base (a state dict): negative-model guidance needs it
         self.items = [(p, s) for p in vcfg.prompts for s in vcfg.seeds]
         self.base: torch.Tensor | None = None
         self.errors: list[str] = []
@@ -45,9 +47,12 @@ class Validator:
         return bool(self.items)
 
     @torch.no_grad()
-    def render(self, unet: Any) -> torch.Tensor:
-        """``[N, 3, H, W]`` in [0, 1], one image per validation item, drawn with ``unet`` in place of the UNet."""
+    def render(self, unet: Any, *, is_base: bool = False) -> torch.Tensor:
+        """``[N, 3, H, W]`` in [0, 1], one image per validation item, drawn with ``unet`` in place of the UNet; with
+        ``validation.negative``, under negative-model guidance (``unet`` in the conditional branch, the merged
+        negative model in the unconditional one; ``is_base``: ``unet`` renders the base weights)."""
         from samplers import SamplingConfig, sample, with_sampler
+        from samplers.guidance import guided_view, negative_unet_for
 
         vcfg = self.vcfg
         cfg = SamplingConfig(
@@ -57,7 +62,24 @@ class Validator:
             height=self.resolution,
             width=self.resolution,
         )
-        view = with_sampler(self.pipe, vcfg.sampler, unet=unet)
+        if vcfg.negative is None:
+            view = with_sampler(self.pipe, vcfg.sampler, unet=unet)
+        else:
+            if self.base_weights is None:
+                raise ValueError(
+                    "validation.negative needs the base weights, which this run does not keep (a full fine-tune "
+                    "whose reference is not the base); drop validation.negative or use a LoRA run"
+                )
+            wrapper = negative_unet_for(
+                unet,
+                self.base_weights(),
+                vcfg.negative,
+                vcfg.negative_merge,
+                pipe=self.pipe,
+                sampler=vcfg.sampler,
+                positive_is_base=is_base,
+            )
+            view = guided_view(self.pipe, wrapper, vcfg.sampler)
         was_training = unet.training
         unet.eval()
         try:
@@ -68,7 +90,7 @@ class Validator:
 
     def render_base(self, base_unet: Any) -> None:
         if self.enabled and self.base is None:
-            self.base = self.render(base_unet)
+            self.base = self.render(base_unet, is_base=True)
 
     def run(
         self, step: int, policy_unet: Any, base: Callable[[], AbstractContextManager[Any]] | None = None
