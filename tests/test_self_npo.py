@@ -217,3 +217,56 @@ def test_self_npo_trains_two_steps_with_an_ema_teacher(workdir: Path, config: st
     assert not torch.equal(before, after)
     assert (run_dir / "checkpoints" / "step_000001" / "reference" / "ema.safetensors").is_file()
     assert (run_dir / "final" / "reference" / "ema.safetensors").is_file()
+
+
+def _image_folder(folder: Path, n: int) -> Path:
+    """n random 40x36 PNGs with captions, plus one image without a caption and one with an empty caption."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(n + 2):
+        pixels = (torch.rand(36, 40, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"img{i:02d}.png")
+        if i < n:
+            (folder / f"img{i:02d}.txt").write_text(f"a {'red' if i % 2 else 'blue'} square\n")
+    (folder / f"img{n + 1:02d}.txt").write_text("  \n")
+    return folder
+
+
+def test_image_folder_reader_reads_captioned_images_and_reports_the_rest(tmp_path: Path):
+    from workbench.data import DataError, ReadReport, read_image_folder
+
+    folder = _image_folder(tmp_path / "imgs", 3)
+    report = ReadReport()
+    records = list(read_image_folder(folder, report))
+    assert [r.k for r in records] == [1, 1, 1] and records[1].prompt == "a red square"
+    assert [row for row, _ in report.skipped] == ["img03.png", "img04.png"]
+    assert "no caption file img03.txt" in report.skipped[0][1] and "empty" in report.skipped[1][1]
+    with pytest.raises(DataError, match="not a folder"):
+        list(read_image_folder(tmp_path / "missing", ReadReport()))
+
+
+def test_image_folder_is_refused_for_preference_objectives(tmp_path: Path):
+    with pytest.raises(ValueError, match=r"needs pairs; data.sources\[0\] is image_folder"):
+        load_config(ROOT / SDXL_LORA, [f"data.sources=[{{format: image_folder, path: '{tmp_path}'}}]"])
+
+
+def test_self_npo_trains_on_a_captioned_image_folder(workdir: Path, tmp_path: Path):
+    """The official data layout (images + .txt captions, no labels): two Self-NPO steps on K = 1 groups."""
+    folder = _image_folder(tmp_path / "imgs", 6)
+    trainer = _trainer(
+        SDXL_LORA,
+        "run.name=snpo_folder",
+        f"data.sources=[{{format: image_folder, path: '{folder}'}}]",
+        f"data.cache.dir={tmp_path / 'cache'}",
+        "data.max_bad_fraction=0.5",  # two of the eight files have no usable caption
+    )
+    assert len(trainer.cache) == 6 and trainer.cache.batch(
+        [0, 1], torch.Generator().manual_seed(0), empty_prompt_prob=0.0, hflip=False
+    ).shape == (2, 1)
+    run_dir = trainer.train()
+    losses = [json.loads(x).get("train/loss") for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len([v for v in losses if v is not None]) == 2
+    skipped = (run_dir / "skipped_rows.jsonl").read_text()
+    assert "img06.png" in skipped and "img07.png" in skipped

@@ -81,8 +81,10 @@ class ModelSection(_Strict):
 
 # ---------------------------------------------------------------------------------------------------------- data
 class DataSource(_Strict):
-    format: Literal["pickapic_parquet", "pair_jsonl", "ranking_jsonl"] = Field(
-        ..., description="pickapic_parquet: jpg_0/jpg_1/label_0/label_1/caption (file or folder of shards)."
+    format: Literal["pickapic_parquet", "pair_jsonl", "ranking_jsonl", "image_folder"] = Field(
+        ...,
+        description="pickapic_parquet: jpg_0/jpg_1/label_0/label_1/caption (file or folder of shards); "
+        "image_folder: images with same-name .txt captions, no preferences (self_npo, sft).",
     )
     path: str
     labels: Literal["human", "scorer"] = Field(
@@ -300,6 +302,12 @@ class RunConfig(_Strict):
         needs = OBJECTIVES.get(name).needs
         for i, src in enumerate(self.data.sources):
             kind = SOURCE_KINDS[src.format]
+            if kind == "images" and needs.data not in ("winners", "none"):
+                raise ValueError(
+                    f"objective {name} needs {needs.data}; data.sources[{i}] is image_folder (captioned images "
+                    "without preferences), which only objectives that use no preference (self_npo) or only the "
+                    "preferred images (sft) can train on. Use pair or ranking data."
+                )
             if needs.data == "rankings" and kind == "pairs":
                 raise ValueError(
                     f"objective {name} needs rankings with K >= {max(3, needs.min_k)}; data.sources[{i}] is "
@@ -330,8 +338,14 @@ class RunConfig(_Strict):
         return self
 
 
-#: what each data format can hold: pairs (two images and a label) or rankings (K >= 2 images, best first).
-SOURCE_KINDS = {"pickapic_parquet": "pairs", "pair_jsonl": "pairs", "ranking_jsonl": "rankings"}
+#: what each data format can hold: pairs (two images and a label), rankings (K >= 2 images, best first) or images
+#: (one captioned image, no preference).
+SOURCE_KINDS = {
+    "pickapic_parquet": "pairs",
+    "pair_jsonl": "pairs",
+    "ranking_jsonl": "rankings",
+    "image_folder": "images",
+}
 
 
 # ------------------------------------------------------------------------------------------------------- loading

@@ -285,10 +285,46 @@ def _pref_prob_of_order(scores: list[float] | None, second: int) -> float:
     return 0.5 if scores is not None and scores[0] == scores[second] else 1.0
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def read_image_folder(
+    path: str | Path, report: ReadReport, *, drop_ties: bool = True, labels: str = "human"
+) -> Iterator[PreferenceRecord]:
+    """Captioned images without preferences: every image in the folder (not recursive, sorted by name) with a
+    same-name ``.txt`` caption beside it, one ``K = 1`` record each (row id = the file name). The layout of
+    LAION-style folders and of Self-NPO's ``CustomImageDataset`` (G-U-N/Diffusion-NPO ``Self-NPO/train.py`` L91-133,
+    which keeps ``.png``/``.jpg`` files that have a ``.txt``). For objectives that need no preference (``self_npo``)
+    or only the preferred images (``sft``). An image without a caption, or an empty caption, is skipped and reported.
+    ``drop_ties`` / ``labels`` do not apply (no labels)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a folder (data.sources[].path of an image_folder source)")
+    if labels != "human":
+        raise DataError(
+            f"{folder}: labels: {labels} does not apply to image_folder (its images carry no labels)"
+        )
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+    for file in files:
+        report.total += 1
+        caption_file = file.with_suffix(".txt")
+        if not caption_file.is_file():
+            report.skip(file.name, f"no caption file {caption_file.name} beside it")
+            continue
+        caption = caption_file.read_text(encoding="utf-8", errors="replace").strip()
+        if not caption:
+            report.skip(file.name, f"{caption_file.name} is empty")
+            continue
+        yield PreferenceRecord(caption, [str(file)], file.name)
+
+
 READERS = {
     "pickapic_parquet": read_pickapic_parquet,
     "pair_jsonl": read_pair_jsonl,
     "ranking_jsonl": read_ranking_jsonl,
+    "image_folder": read_image_folder,
 }
 
 
@@ -311,7 +347,7 @@ def read_records(
         group = "pair" if pairwise else "ranking"
     if group not in ("pair", "ranking"):
         raise ValueError(f"group={group!r}: use 'pair' (best vs worst) or 'ranking' (all K images)")
-    if min_k < 2 or (group == "pair" and min_k > 2):
+    if min_k < 1 or (group == "pair" and min_k > 2):
         raise ValueError(
             f"min_k={min_k} with group={group!r}: a pair has 2 images; min_k > 2 needs 'ranking'"
         )

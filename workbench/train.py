@@ -99,6 +99,19 @@ def environment_info() -> dict[str, Any]:
     }
 
 
+def select_groups(cond: dict[str, Any], groups: torch.Tensor, k: int) -> dict[str, Any]:
+    """The flat ``[B*K, ...]`` conditioning of the groups ``groups`` (``[G]``) only: ``[G*K, ...]``, group-major."""
+    device = next(v for v in cond.values() if isinstance(v, torch.Tensor)).device
+    rows = (groups.to(device)[:, None] * k + torch.arange(k, device=device)).flatten()
+
+    def pick(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {name: pick(x) for name, x in v.items()}  # pyright: ignore[reportUnknownVariableType]
+        return v.index_select(0, rows) if isinstance(v, torch.Tensor) else v
+
+    return {name: pick(v) for name, v in cond.items()}
+
+
 def training_target(
     scheduler: Any, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, prediction_type: str
 ) -> torch.Tensor:
@@ -240,6 +253,7 @@ class Trainer:
             drop_ties=cfg.data.drop_ties,
             max_samples=cfg.data.max_samples,
             group="ranking" if needs.data == "rankings" else "pair",
+            min_k=min(needs.min_k, 2),
         )
         check_needs(cfg.objective.name, needs, records)
         self.cache = PreferenceCache(self.components.pipe, self.components.family, cfg.data)
@@ -352,9 +366,12 @@ class Trainer:
         cond = self._conditioning(batch)
 
         @torch.no_grad()
-        def denoiser(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # the policy, for inversion methods
+        def denoiser(  # the policy, for inversion methods: on all groups, or on `groups` of them
+            x_t: torch.Tensor, t: torch.Tensor, groups: torch.Tensor | None = None
+        ) -> torch.Tensor:
+            c = cond if groups is None else select_groups(cond, groups, k)
             with acc.autocast():
-                out = self.unet(flatten_groups(x_t), flatten_groups(t), **cond).sample
+                out = self.unet(flatten_groups(x_t), flatten_groups(t), **c).sample
             return unflatten_groups(out.float(), k)
 
         noised = self.noise_fn(
