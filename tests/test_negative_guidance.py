@@ -440,3 +440,24 @@ def test_training_validation_renders_with_a_negative_model(workdir: Path) -> Non
     assert plain.validator.base is not None and guided.validator.base is not None
     assert not torch.allclose(plain.validator.base, guided.validator.base, atol=1e-3)
     assert (guided.run_dir / "validation" / "step_000001.png").is_file()
+
+
+def test_the_app_renders_a_checkpoint_with_a_negative_model(toy: Any, tmp_path: Path) -> None:
+    """The app's checkpoint list takes the same NAME=PATH,negative=NPO spec as generate / eval: its renderer loads a
+    negative-guidance pipeline for it, and its images differ from plain CFG's on identical noise."""
+    from apps.handlers import PipelineRenderer
+    from samplers import parse_checkpoints
+
+    _write_lora(toy.unet, tmp_path / "npo", seed=4)
+    renderer = PipelineRenderer(
+        "toy",
+        parse_checkpoints(["base", f"npo=base,negative={tmp_path / 'npo'}"]),
+        device="cpu",
+        dtype="fp32",
+        cache_dir=str(tmp_path / "cache"),
+    )
+    plain = renderer.render("base", PROMPTS[:1], SEEDS[:1], FAST)
+    guided = renderer.render("npo", PROMPTS[:1], SEEDS[:1], FAST)
+    assert isinstance(renderer._load("npo").unet, NegativeGuidanceUNet)
+    assert renderer.identity("npo")["model_id"] != renderer.identity("base")["model_id"]
+    assert plain[0].shape == guided[0].shape and (plain[0] != guided[0]).any()
