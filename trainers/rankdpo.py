@@ -2,10 +2,11 @@
 Generation", arXiv 2410.18013, ICCV 2025): a DCG-weighted pairwise Diffusion-DPO over K ranked images per prompt.
 
 No official code was available (research/objectives.md section 8); this follows the paper (arXiv v2), Eqs. 5-7 and
-Algorithm 2 (numbered as its Figure 2 caption cites them: scores Eq. 5, DCG weights Eq. 6, loss Eq. 7). Per group (one prompt c, K images x^1..x^K with scores phi in [0, 1], higher = better), one timestep t
-and, per Algorithm 2, independent noise eps^i per image::
+Algorithm 2 (numbered as its Figure 2 caption cites them: scores Eq. 5, DCG weights Eq. 6, loss Eq. 7). Per group
+(one prompt c, K images x^1..x^K with scores phi in [0, 1], higher = better), one timestep t and, per Algorithm 2,
+independent noise eps^i per image::
 
-    s_i      = ||eps^i - eps_theta(x_t^i, c)||^2 - ||eps^i - eps_ref(x_t^i, c)||^2     (Eq. 5; lower = relatively better)
+    s_i      = ||eps^i - eps_theta(x_t^i, c)||^2 - ||eps^i - eps_ref(x_t^i, c)||^2    (Eq. 5, lower = better)
     tau(i)   = rank of image i by phi (tau = 1 best)
     G_i      = 2^phi_i - 1,   D(tau) = ln(1 + tau)                                   (Eq. 6, DCG gain and discount)
     Delta_ij = |G_i - G_j| * |1 / D(tau(i)) - 1 / D(tau(j))|                        (Eq. 6, the DCG pair weight)
