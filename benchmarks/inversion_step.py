@@ -7,8 +7,8 @@ smpo}.yaml`` on the committed toy pipeline (the objective gym's model and recipe
 They differ only in how ``x_t`` is made: ``forward`` (one Gaussian draw), ``ddim_inversion`` (10-step grid, eta 0.1:
 up to 10 no-grad policy forwards), ``renoise_inversion`` (5-step grid, one ReNoise refinement: up to 10). The
 variants alternate step by step for ``--rounds`` rounds of ``--steps`` steps, so a busy machine slows all of them
-alike; the medians and their ratios to DPO are printed, with the mean number of no-grad inversion forwards per step
-(over the batch: a step runs the grid up to the largest t of its groups).
+alike; the medians and their ratios to DPO are printed, with the mean no-grad inversion work per step in full-batch
+forwards (each model call carries only the groups whose grid is not done: groups x calls / batch).
 
 Usage: ``python benchmarks/inversion_step.py [--steps 10] [--rounds 2] [--batch 16] [--pairs 64]``.
 """
@@ -86,7 +86,7 @@ def _step(trainer, step: int, batch: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16, help="pairs per step")
@@ -106,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             def counted(x0, generator, ctx, _fn=fn, _name=name):
                 inner = ctx.denoiser
 
-                def denoiser(x_t, t):
-                    calls[_name] += 1
-                    return inner(x_t, t)
+                def denoiser(x_t, t, groups=None):
+                    calls[_name] += x_t.shape[0]  # groups through the model in this call
+                    return inner(x_t, t, groups)
 
                 return _fn(x0, generator, dataclasses.replace(ctx, denoiser=denoiser))
 
@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     med = {name: statistics.median(v) for name, v in times.items()}
     device = next(iter(trainers.values())).accelerator.device
     print(f"device {device}, {args.batch} pairs per step, {n} timed steps per variant (alternating)")
-    print("| variant | noising | median step (s) | ratio to DPO | inversion forwards / step |")
+    print(
+        "| variant | noising | median step (s) | ratio to DPO | inversion forwards / step (full-batch equivalents) |"
+    )
     print("|---|---|---|---|---|")
     noising = {
         "dpo": "forward",
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for name in trainers:
         print(
-            f"| {name} | {noising[name]} | {med[name]:.4f} | {med[name] / med['dpo']:.2f}x | {calls[name] / n:.1f} |"
+            f"| {name} | {noising[name]} | {med[name]:.4f} | {med[name] / med['dpo']:.2f}x | {calls[name] / (n * args.batch):.1f} |"
         )
     if args.json:
         Path(args.json).write_text(

@@ -143,7 +143,8 @@ def invert(
     the same timestep label, at the provisional latent the step produced, and the step is redone with the mean of
     all estimates (one refinement = the official ``(eps + eps_1) / 2``). ``eta`` (InPO: 0.1) adds
     ``eta * sigma_step * eta_noise[:, j]`` after step ``j``; ``eta_noise`` is ``[B, len(steps), K, C, h, w]``.
-    Samples whose grid is exhausted are left unchanged (they still ride in the batched model call).
+    Only the groups whose grid is not exhausted go through the model (``denoiser(x, t, groups)``); an image of a
+    running group whose own ``t`` is reached (per-image ``t``) is left unchanged.
     """
     if x0.ndim != 5 or t.shape != x0.shape[:2]:
         raise ValueError(
@@ -169,18 +170,26 @@ def invert(
     t_dev = t.to(x0.device)
     for j, s in enumerate(steps):
         active = t_dev > s.grid  # [B, K]; monotone in j, so once False it stays False
-        if not bool(active.any()):
+        running = active.any(dim=1)  # [B]: groups with an image still to invert
+        if not bool(running.any()):
             break
         a_src, a_dst = level(s.src), level(s.dst)
-        label = torch.full_like(t_dev, s.label)
-        estimates = [to_eps(denoiser(x, label), x, a_src)]
-        x_next = ddim_step(x, estimates[0], a_src, a_dst)
+        # only the running groups go through the model (a batch's grid runs to its largest t)
+        groups = None if bool(running.all()) else running.nonzero().flatten()
+        xs = x if groups is None else x[groups]  # [G, K, C, h, w]
+        label = torch.full(xs.shape[:2], s.label, dtype=t_dev.dtype, device=t_dev.device)
+
+        estimates = [to_eps(denoiser(xs, label, groups), xs, a_src)]
+        x_next = ddim_step(xs, estimates[0], a_src, a_dst)
         for _ in range(renoise_steps):
-            estimates.append(to_eps(denoiser(x_next, label), x_next, a_src))
-            x_next = ddim_step(x, torch.stack(estimates).mean(0), a_src, a_dst)
+            estimates.append(to_eps(denoiser(x_next, label, groups), x_next, a_src))
+            x_next = ddim_step(xs, torch.stack(estimates).mean(0), a_src, a_dst)
         if eta:
             assert eta_noise is not None
-            x_next = x_next + eta * posterior_std(a_src, a_dst) * eta_noise[:, j].to(x.device, torch.float32)
+            z = eta_noise[:, j] if groups is None else eta_noise[groups.cpu(), j]
+            x_next = x_next + eta * posterior_std(a_src, a_dst) * z.to(x.device, torch.float32)
+        if groups is not None:
+            x_next = x.index_copy(0, groups, x_next)
         x = torch.where(active[..., None, None, None], x_next, x)
     return x
 

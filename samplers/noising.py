@@ -20,15 +20,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from workbench.registry import Registry
 
-#: ``(x_t [B, K, C, h, w], t [B, K]) -> model output [B, K, C, h, w]``, no gradient.
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+class Denoiser(Protocol):
+    """``(x_t [G, K, C, h, w], t [G, K], groups) -> model output [G, K, C, h, w]``, no gradient: the model on G of
+    the batch's B groups, ``groups`` (``[G]``, long) their positions in the batch so that each keeps its own prompt
+    conditioning; ``groups=None``: all B, in order (an inversion runs only the groups whose grid is not done)."""
+
+    def __call__(
+        self, x_t: torch.Tensor, t: torch.Tensor, groups: torch.Tensor | None = None, /
+    ) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+from samplers.noising import Noised, NoisingContext
 from trainers import OBJECTIVES
 from trainers.diffusion_dpo import diffusion_dpo_loss
 from trainers.inpo import inpo_loss
@@ -147,6 +148,21 @@ def test_inpo_at_step_zero_has_loss_ln2_and_trains_on_inverted_latents(workdir: 
     torch.testing.assert_close(
         abar.sqrt() * pred.x0 + (1 - abar).sqrt() * pred.target, pred.x_t, atol=1e-4, rtol=1e-4
     )
+    seen: dict[str, torch.Tensor] = {}
+
+    def probe(x0: torch.Tensor, generator: torch.Generator, ctx: NoisingContext) -> Noised:
+        """The loop's denoiser on all groups, and on groups [2, 0] alone: same outputs (each keeps its prompt)."""
+        assert ctx.denoiser is not None
+        t = torch.full(x0.shape[:2], 500, dtype=torch.long)
+        seen["all"] = ctx.denoiser(x0, t)
+        seen["some"] = ctx.denoiser(x0[[2, 0]], t[[2, 0]], torch.tensor([2, 0]))
+        return Noised(x_t=x0, t=t, eps=torch.zeros_like(x0))
+
+    noise_fn, trainer.noise_fn = trainer.noise_fn, probe
+    trainer.predictions(batch)
+    torch.testing.assert_close(seen["some"], seen["all"][[2, 0]], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(seen["all"][0], seen["all"][2])  # different prompts, different outputs
+    trainer.noise_fn = noise_fn
     run_dir = trainer.train()
     records = [r for r in _records(run_dir) if "train/loss" in r]
     assert records[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)

@@ -105,7 +105,7 @@ def _linear_model(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(4, 4, generator=g) * 0.5
 
-    def model(x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:  # x [..., 4, h, w], label broadcastable
+    def model(x: torch.Tensor, label: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
         y = torch.einsum("ij,...jhw->...ihw", w, x).tanh()
         return y + 0.001 * label.float().reshape(*label.shape, *([1] * (x.ndim - label.ndim)))
 
@@ -178,7 +178,7 @@ def test_round_trip_with_an_oracle_epsilon_model(n: int):
 
     x0 = torch.randn(1, 1, 4, 5, 5, generator=torch.Generator().manual_seed(3))
 
-    def oracle(x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    def oracle(x: torch.Tensor, label: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
         a = level(int(label.flatten()[0]))
         return (x - math.sqrt(a) * x0.reshape(x.shape)) / math.sqrt(1 - a)
 
@@ -201,7 +201,7 @@ def test_round_trip_in_022_semantics_with_a_constant_noise_oracle():
     x0 = torch.randn(1, 1, 4, 5, 5, generator=torch.Generator().manual_seed(4))
     e = torch.randn(1, 1, 4, 5, 5, generator=torch.Generator().manual_seed(5))
 
-    def oracle(x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    def oracle(x: torch.Tensor, label: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
         return e.reshape(x.shape)
 
     steps = inversion_grid(10, semantics="diffusers_0.22")
@@ -236,7 +236,7 @@ def test_renoise_step_is_the_hand_derived_average():
     x0 = torch.randn(1, 1, 4, 2, 2)
     c = 0.3
 
-    def model(x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    def model(x: torch.Tensor, label: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
         return c * x
 
     eps0 = c * x0
@@ -246,9 +246,17 @@ def test_renoise_step_is_the_hand_derived_average():
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
 
     const = torch.randn(1, 1, 4, 2, 2)
-    plain = invert(x0, torch.tensor([[900]]), lambda x, _: const, alphas, steps, initial_alpha=a0)
+    plain = invert(
+        x0, torch.tensor([[900]]), lambda x, _, groups=None: const, alphas, steps, initial_alpha=a0
+    )
     renoised = invert(
-        x0, torch.tensor([[900]]), lambda x, _: const, alphas, steps, initial_alpha=a0, renoise_steps=1
+        x0,
+        torch.tensor([[900]]),
+        lambda x, _, groups=None: const,
+        alphas,
+        steps,
+        initial_alpha=a0,
+        renoise_steps=1,
     )
     torch.testing.assert_close(plain, renoised)
 
@@ -262,7 +270,7 @@ class _Sched:
 def _per_group_model():
     model = _linear_model(7)
 
-    def denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def denoiser(x: torch.Tensor, t: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
         return model(x, t)
 
     return denoiser
@@ -287,6 +295,42 @@ def test_per_sample_timesteps_b3_equal_three_b1_runs():
             steps,
             eta_noise=noise[b : b + 1],
             **kwargs,
+        )
+        torch.testing.assert_close(batched[b : b + 1], single, atol=1e-6, rtol=1e-6)
+
+
+def test_only_running_groups_reach_the_model_with_their_own_conditioning():
+    """A denoiser conditioned per group (as the trainer's is, by prompt): groups whose grid is done are not sent to
+    the model, the others arrive with their batch positions, and the result equals B = 1 runs with that group's
+    conditioning."""
+    alphas = _alphas()
+    steps = inversion_grid(10)
+    base = _linear_model(3)
+    sizes: list[list[int] | None] = []
+
+    def conditioned(c: torch.Tensor):
+        def denoiser(x: torch.Tensor, t: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+            sizes.append(None if groups is None else groups.tolist())
+            cc = c if groups is None else c[groups]
+            return base(x, t) * cc.view(-1, 1, 1, 1, 1)
+
+        return denoiser
+
+    c = torch.tensor([0.5, 1.5, -1.0])
+    x0 = torch.randn(3, 2, 4, 3, 3, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([[150, 150], [999, 999], [450, 450]])
+    batched = invert(x0, t, conditioned(c), alphas, steps, initial_alpha=float(alphas[0]), renoise_steps=1)
+    # grid [-99, 1, 101, ...]: t=150 runs 3 steps, t=450 runs 6, t=999 all 10 (x2 calls with ReNoise)
+    assert sizes == [None] * 6 + [[1, 2]] * 6 + [[1]] * 8
+    for b in range(3):
+        single = invert(
+            x0[b : b + 1],
+            t[b : b + 1],
+            conditioned(c[b : b + 1]),
+            alphas,
+            steps,
+            initial_alpha=float(alphas[0]),
+            renoise_steps=1,
         )
         torch.testing.assert_close(batched[b : b + 1], single, atol=1e-6, rtol=1e-6)
 
@@ -330,7 +374,7 @@ def test_registered_method_per_sample_t_and_fixed_generator(name: str):
 def test_no_gradient_flows_through_the_inversion():
     w = torch.nn.Parameter(torch.tensor(0.5))
 
-    def denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def denoiser(x: torch.Tensor, t: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
         return w * x
 
     method = NOISING.get("ddim_inversion")
