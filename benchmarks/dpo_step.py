@@ -66,7 +66,7 @@ def _baseline_step(trainer, records, indices, gen) -> float:
     groups = [preprocess_group([load_image(s) for s in records[i].images], res) for i in indices]
     pixels = torch.stack([g[0] for g in groups])  # [B, 2, 3, H, W]
     # the example's layout: [w_1..w_B, l_1..l_B]
-    feed = torch.cat([pixels[:, 0], pixels[:, 1]])
+    feed = torch.cat([pixels[:, 0], pixels[:, 1]]).to(acc.device)  # the example's .to(accelerator.device)
     with torch.no_grad():
         latents = pipe.vae.encode(feed.to(pipe.vae.dtype)).latent_dist.sample(generator=gen)
         latents = latents * pipe.vae.config.scaling_factor
@@ -75,12 +75,16 @@ def _baseline_step(trainer, records, indices, gen) -> float:
             prompt=prompts, device=acc.device, num_images_per_prompt=1, do_classifier_free_guidance=False
         )
     b = len(indices)
-    noise = torch.randn(latents[:b].shape, generator=gen).repeat(2, 1, 1, 1)
-    t = torch.randint(0, 1000, (b,), generator=gen).repeat(2)
+    noise = torch.randn(latents[:b].shape, generator=gen).to(acc.device).repeat(2, 1, 1, 1)
+    t = torch.randint(0, 1000, (b,), generator=gen).to(acc.device).repeat(2)
     x_t = trainer.noise_scheduler.add_noise(latents, noise, t)
-    time_ids = torch.tensor(
-        [[g[1].original_size[0], g[1].original_size[1], *g[1].crop_top_left, res, res] for g in groups]
-    ).float()
+    time_ids = (
+        torch.tensor(
+            [[g[1].original_size[0], g[1].original_size[1], *g[1].crop_top_left, res, res] for g in groups]
+        )
+        .float()
+        .to(acc.device)
+    )
     cond = {
         "encoder_hidden_states": embeds.repeat(2, 1, 1),
         "added_cond_kwargs": {"text_embeds": pooled.repeat(2, 1), "time_ids": time_ids.repeat(2, 1)},

@@ -127,7 +127,9 @@ def fingerprint(module: torch.nn.Module, extra: str = "") -> str:
     for name, p in sorted(module.state_dict().items()):
         h.update(name.encode())
         flat = p.detach().float().flatten()
-        h.update(torch.stack([flat.sum(), flat.abs().sum(), flat[:64].sum()]).double().numpy().tobytes())
+        h.update(
+            torch.stack([flat.sum(), flat.abs().sum(), flat[:64].sum()]).double().cpu().numpy().tobytes()
+        )
     return h.hexdigest()[:16]
 
 
