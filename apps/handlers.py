@@ -161,7 +161,7 @@ class PipelineRenderer:
 def discover_checkpoints(runs_dir: str | Path | None) -> list[str]:
     """``NAME=PATH`` specs for the training runs under ``runs_dir``: each run's ``final`` and every saved step
     (``runs/x/final`` -> ``x``, ``runs/x/checkpoints/step_000200`` -> ``x@200``), also one level deeper
-    (``runs/demo/train/toy_dpo``)."""
+    (the demo's ``runs/demo/train`` -> ``demo``)."""
     if runs_dir is None or not Path(runs_dir).is_dir():
         return []
     specs: list[str] = []
@@ -172,7 +172,7 @@ def discover_checkpoints(runs_dir: str | Path | None) -> list[str]:
         | {p.parent for p in root.glob("*/*/checkpoints")} - set(run_dirs)
     )
     for run in run_dirs:
-        name = str(run.relative_to(root)).replace("/train/", "/")
+        name = str(run.relative_to(root)).removesuffix("/train")  # the demo's runs/demo/train -> demo
         if (run / "final" / "COMPLETE").exists() or any((run / "final").glob("*")):
             specs.append(f"{name}={run / 'final'}")
         for step in sorted((run / "checkpoints").glob("step_*")):
