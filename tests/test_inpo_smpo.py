@@ -135,6 +135,8 @@ def test_inpo_at_step_zero_has_loss_ln2_and_trains_on_inverted_latents(workdir: 
             "run.name=inpo_ln2",
             "objective={name: inpo, beta: 5000}",
             "train.max_steps=2",
+            "train.batch_size=2",
+            "validation.prompts=[]",
         ],
     )
     trainer = Trainer(cfg, show_progress=False)

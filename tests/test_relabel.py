@@ -245,6 +245,8 @@ def test_smpo_trains_two_steps_on_relabelled_pairs(workdir: Path):
             "objective={name: smpo, beta: 5000}",
             f"data.sources=[{{format: pickapic_parquet, path: {data}, labels: scorer}}]",
             "train.max_steps=2",
+            "train.batch_size=2",
+            "noising={name: renoise_inversion, num_steps: 3}",  # fewer model calls: the test checks the plumbing
             "validation.prompts=[]",
         ],
     )
