@@ -30,6 +30,7 @@ from apps.handlers import (
     curate_act,
     curate_ranking,
     export,
+    for_display,
     grid_png,
     load_folder,
     new_curate_round,
@@ -175,10 +176,15 @@ def build_app(ctx: AppContext) -> gr.Blocks:
             # ------------------------------------------------------------------------------------------ Arena
             with gr.Tab("Arena", id="arena"):
                 with gr.Row():
-                    a_prompt = gr.Textbox(label="prompt (empty: draw from the set)", max_lines=2, scale=3)
+                    a_prompt = gr.Textbox(
+                        label="prompt (empty: draw from the set)",
+                        max_lines=2,
+                        scale=3,
+                        elem_id="arena-prompt",
+                    )
                     a_set = gr.Dropdown(s.prompt_sets, value=s.prompt_sets[0], label="prompt set", scale=1)
                 with gr.Row():
-                    a_k = gr.Radio(["2", "4"], value="2", label="images per round")
+                    a_k = gr.Radio(["2", "4"], value="2", label="images per round", elem_id="arena-k")
                     a_source = gr.Radio(
                         [("seeds of one checkpoint", "seeds"), ("across checkpoints (blind)", "checkpoints")],
                         value="seeds",
@@ -194,8 +200,12 @@ def build_app(ctx: AppContext) -> gr.Blocks:
             # ----------------------------------------------------------------------------------------- Curate
             with gr.Tab("Curate", id="curate"):
                 with gr.Row():
-                    u_folder = gr.Textbox(label="folder of your images", max_lines=1, scale=3)
-                    u_prompt = gr.Textbox(label="prompt for images without one", max_lines=2, scale=2)
+                    u_folder = gr.Textbox(
+                        label="folder of your images", max_lines=1, scale=3, elem_id="curate-folder"
+                    )
+                    u_prompt = gr.Textbox(
+                        label="prompt for images without one", max_lines=2, scale=2, elem_id="curate-prompt"
+                    )
                 with gr.Row():
                     u_strategy = gr.Radio(
                         [
@@ -205,7 +215,7 @@ def build_app(ctx: AppContext) -> gr.Blocks:
                         value="swiss",
                         label="pairing",
                     )
-                    u_k = gr.Radio(["2", "4"], value="2", label="images per round")
+                    u_k = gr.Radio(["2", "4"], value="2", label="images per round", elem_id="curate-k")
                     u_mode = gr.Radio(
                         [("best of K", "best"), ("full ranking", "rank")], value="best", label="vote"
                     )
@@ -256,8 +266,8 @@ def build_app(ctx: AppContext) -> gr.Blocks:
             )
             out = Path(tempfile.mkdtemp(prefix="workbench-grid-")) / "grid.png"
             grid_png(cells, out, columns=len({c.seed for c in cells}))
-            gallery = [(c.image, c.caption()) for c in cells]
-            pair = slider_pair(cells, 0, min(1, len(cells) - 1))
+            gallery = [(for_display(c.image), c.caption()) for c in cells]
+            pair = tuple(for_display(x) for x in slider_pair(cells, 0, min(1, len(cells) - 1)))
             return cells, f"**prompt:** {text}", gallery, pair, str(out)
 
         c_run.click(
@@ -273,7 +283,7 @@ def build_app(ctx: AppContext) -> gr.Blocks:
         def on_slider(cells: list[Cell], a, b):
             if not cells:
                 raise InputError("generate a comparison first")
-            return slider_pair(cells, int(a or 1) - 1, int(b or 1) - 1)
+            return tuple(for_display(x) for x in slider_pair(cells, int(a or 1) - 1, int(b or 1) - 1))
 
         c_show.click(on_slider, [c_cells, c_a, c_b], c_slider, api_name="slider")
 

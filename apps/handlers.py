@@ -484,13 +484,21 @@ def _labels(rnd: Round, revealed: bool) -> list[str]:
     return out
 
 
+def for_display(image: np.ndarray, size: int = 256) -> np.ndarray:
+    """Small images (the toy world's 32 px) enlarged by an integer factor with nearest-neighbour pixels, so they are
+    seen as they are; the stored image is unchanged."""
+    factor = max(1, size // max(image.shape[:2]))
+    return image if factor == 1 else image.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
 def round_view(ctx: AppContext, rnd: Round, state: ArenaState) -> RoundView:
     from samplers import load_image
 
     revealed = state.voted
     labels = _labels(rnd, revealed)
     reveal = "   ".join(_labels(rnd, True)) if revealed else ""
-    return RoundView([load_image(i.path) for i in rnd.shown()], labels, rnd.prompt, reveal, state.message)
+    images = [for_display(load_image(i.path)) for i in rnd.shown()]
+    return RoundView(images, labels, rnd.prompt, reveal, state.message)
 
 
 def new_round(

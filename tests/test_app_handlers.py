@@ -21,6 +21,7 @@ from apps.handlers import (
     compare,
     curate_act,
     discover_checkpoints,
+    for_display,
     grid_png,
     load_folder,
     load_settings,
@@ -51,10 +52,9 @@ def test_seed_rounds_show_one_checkpoint_and_log_the_shuffle(ctx: AppContext):
     assert {i.params["checkpoint"] for i in rnd.items} == {"base"}
     assert sorted(rnd.display_order) == [0, 1, 2, 3]
     for pos, item in enumerate(rnd.shown()):  # the UI's image at position pos is slot display_order[pos]
-        assert (
-            view.images[pos]
-            == ctx.renderer.render("base", ["a red circle"], [item.params["seed"]], _cfg())[0]
-        ).all()
+        rendered = ctx.renderer.render("base", ["a red circle"], [item.params["seed"]], _cfg())[0]
+        assert (view.images[pos] == for_display(rendered)).all()
+        assert view.images[pos].shape == (256, 256, 3)  # 16 px shown 16x larger, pixel for pixel
         assert f"seed {item.params['seed']}" in view.labels[pos]
     assert {"sampler", "steps", "guidance", "width", "height", "checkpoint_hash"} <= set(rnd.items[0].params)
 
