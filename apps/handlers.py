@@ -831,7 +831,9 @@ def new_curate_round(
         raise InputError(f"mode must be 'best' or 'rank', got {mode!r}")
     k = check_k(k)
     group = ctx.draw(lambda r: pick_group(state, k, r))
-    prompt = (typed_prompt or "").strip() or group[0].prompt
+    prompt = (
+        group[0].prompt or (typed_prompt or "").strip()
+    )  # the image's own prompt; typed only when it has none
     if not prompt:
         raise InputError("these images carry no prompt: type the prompt they were made for")
     order = ctx.draw(lambda r: r.sample(range(k), k))

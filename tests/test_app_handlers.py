@@ -266,6 +266,9 @@ def test_curate_imports_a_folder_and_votes_in_pairs(ctx: AppContext, tmp_path: P
         assert len(view.images) == 2
         state, _ = curate_act(ctx, state, user="alice", key="1")
     assert sum(state.compared.values()) == 6 and len(state.seen_pairs) == 3
+    own = {im.sha256: im.prompt for im in state.images}
+    for vote in ctx.store.votes():  # a round's prompt is its first image's own; the typed one only fills gaps
+        assert vote.round.prompt == own[vote.round.items[0].sha256]
     assert ctx.store.counts()["active_votes"] == 3
     state, _ = curate_act(ctx, state, user="alice", key="u")  # undo recounts from the store
     assert sum(state.compared.values()) == 4
