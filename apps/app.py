@@ -10,10 +10,13 @@ authenticated user), serves only images it produced or imported into its store (
 ``allowed_paths``), and reports bad input as a visible message.
 """
 
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports leave the machine
 
 import gradio as gr
 
