@@ -703,38 +703,45 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------------- stats
-def vote_stats(store: VoteStore, *, user_id: str | None = None) -> dict[str, Any]:
-    """Counts by user / outcome / K, undos, decision latency, position bias (does the image shown first win its
-    pairs more than half the time? Wilson interval) and, for rounds across checkpoints, each checkpoint's pairwise
-    win rate over its decided pairs (Wilson interval; ties and same-checkpoint pairs left out)."""
-    from workbench.stats import wilson_interval
+def vote_stats(store: VoteStore, *, user_id: str | None = None, n_boot: int = 2000) -> dict[str, Any]:
+    """Counts by user / outcome / K / source, undos, decision latency, position bias (does the image shown first win
+    its pairs more than half the time?) and, for rounds across checkpoints, each checkpoint's pairwise win rate over
+    its decided pairs (ties and same-checkpoint pairs left out). Pairs of one vote share a prompt and a judgment, so
+    the intervals are :func:`workbench.stats.cluster_ratio_bootstrap` over prompts (every pair of a prompt resampled
+    together); with a single prompt they are undefined (n/a)."""
+    import numpy as np
+
+    from workbench.stats import cluster_ratio_bootstrap
 
     votes = store.votes(user_id=user_id)
     all_votes = store.votes(user_id=user_id, include_undone=True)
     by = lambda key: dict(sorted(_count(key(v) for v in votes).items()))  # noqa: E731
     latencies = sorted(v.latency_ms for v in votes if v.latency_ms is not None)
     pairs = [p for v in votes for p in expand_pairs(v) if p.label_first != 0.5]
-    first_wins = sum(1 for p in pairs if p.label_first == 1.0)
-    pos = wilson_interval(first_wins, len(pairs))
-    wins: dict[str, list[int]] = {}
+
+    def rate(wins: list[float], prompts: list[str]) -> dict[str, float]:
+        ci = cluster_ratio_bootstrap(np.asarray(wins), np.ones(len(wins)), prompts, n_boot=n_boot)
+        return {"estimate": ci.estimate, "low": ci.low, "high": ci.high, "prompts": len(set(prompts))}
+
+    position = (
+        rate([float(p.label_first == 1.0) for p in pairs], [p.vote.round.prompt for p in pairs])
+        if pairs
+        else {"estimate": math.nan, "low": math.nan, "high": math.nan, "prompts": 0}
+    )
+    outcomes: dict[str, tuple[list[float], list[str]]] = {}
     for p in pairs:
         items = p.vote.round.items
         a, b = (str(items[s].params.get("checkpoint", "")) for s in (p.first, p.second))
         if not a or not b or a == b:
             continue
-        winner, loser = (a, b) if p.label_first == 1.0 else (b, a)
-        wins.setdefault(winner, [0, 0])[0] += 1
-        wins.setdefault(loser, [0, 0])[1] += 1
+        for name, won in ((a, p.label_first == 1.0), (b, p.label_first == 0.0)):
+            wins, prompts = outcomes.setdefault(name, ([], []))
+            wins.append(float(won))
+            prompts.append(p.vote.round.prompt)
     checkpoints = {}
-    for name, (w, lost) in sorted(wins.items()):
-        ci = wilson_interval(w, w + lost)
-        checkpoints[name] = {
-            "wins": w,
-            "losses": lost,
-            "win_rate": ci.estimate,
-            "low": ci.low,
-            "high": ci.high,
-        }
+    for name, (wins, prompts) in sorted(outcomes.items()):
+        won = int(sum(wins))
+        checkpoints[name] = {"wins": won, "losses": len(wins) - won, **rate(wins, prompts)}
     return {
         "votes": len(votes),
         "undone": len(all_votes) - len(votes),
@@ -744,7 +751,7 @@ def vote_stats(store: VoteStore, *, user_id: str | None = None) -> dict[str, Any
         "by_source": by(lambda v: v.round.source),
         "latency_ms_median": latencies[len(latencies) // 2] if latencies else None,
         "pairs": len(pairs),
-        "first_shown_win_rate": {"estimate": pos.estimate, "low": pos.low, "high": pos.high},
+        "first_shown_win_rate": position,
         "checkpoints": checkpoints,
     }
 
@@ -761,14 +768,17 @@ def format_stats(stats: dict[str, Any]) -> str:
         "by K: " + _kv(stats["by_k"]) + "   by source: " + _kv(stats["by_source"]),
         f"median decision latency: {stats['latency_ms_median']} ms",
         f"decided pairs: {stats['pairs']}; image shown first wins {fmt(pos['estimate'])} "
-        f"[{fmt(pos['low'])}, {fmt(pos['high'])}] (0.5 = no position bias)",
+        f"[{fmt(pos['low'])}, {fmt(pos['high'])}] (0.5 = no position bias; 95% interval over "
+        f"{pos['prompts']} prompts)",
     ]
     if stats["checkpoints"]:
-        lines.append("checkpoint pairwise win rate (pairs across checkpoints, 95% Wilson interval):")
+        lines.append(
+            "checkpoint pairwise win rate (pairs across checkpoints; 95% interval resampling prompts):"
+        )
         for name, c in stats["checkpoints"].items():
             lines.append(
-                f"  {name:30s} {fmt(c['win_rate'])} [{fmt(c['low'])}, {fmt(c['high'])}]  "
-                f"({c['wins']} won, {c['losses']} lost)"
+                f"  {name:30s} {fmt(c['estimate'])} [{fmt(c['low'])}, {fmt(c['high'])}]  "
+                f"({c['wins']} won, {c['losses']} lost, {c['prompts']} prompts)"
             )
     return "\n".join(lines)
 

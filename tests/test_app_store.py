@@ -4,6 +4,7 @@ exports that the training readers load as they are."""
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 from pathlib import Path
 
@@ -169,4 +170,14 @@ def test_exports_are_read_by_the_training_readers(tmp_path: Path):
     assert stats["by_outcome"] == {"best": 2, "tie": 1}
     assert stats["checkpoints"]["tuned"]["wins"] == 2  # best-of-4: tuned beat the two base images
     assert stats["checkpoints"]["base"]["wins"] == 1  # pair: base won
+    assert math.isnan(
+        stats["checkpoints"]["tuned"]["low"]
+    )  # one prompt: the prompt-clustered interval is n/a
     assert "position bias" in format_stats(stats)
+    r4 = _round(store, 2, ckpts=["base", "tuned"])
+    with sqlite3.connect(store.path) as conn:  # a second prompt makes the interval defined
+        conn.execute("UPDATE rounds SET prompt = 'a blue square' WHERE round_id = ?", (r4.round_id,))
+    store.record_vote(r4.round_id, user_id="alice", outcome="best", ranking=[1], idempotency_key="4")
+    tuned = vote_stats(store)["checkpoints"]["tuned"]
+    assert (tuned["wins"], tuned["losses"], tuned["prompts"]) == (3, 1, 2)
+    assert tuned["low"] <= tuned["estimate"] == 0.75 <= tuned["high"]
