@@ -12,6 +12,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-echo "gpu_check: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), revision $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+echo "gpu_check: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"  # no git revision: a copied tree may carry a stale .git
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 exec "${PYTHON:-python3}" benchmarks/gpu_check.py "$@"
