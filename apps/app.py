@@ -28,6 +28,7 @@ from apps.handlers import (
     InputError,
     RoundView,
     act,
+    add_checkpoint,
     check_user,
     compare,
     curate_act,
@@ -155,6 +156,14 @@ def build_app(ctx: AppContext) -> gr.Blocks:
                     c_ckpts = gr.CheckboxGroup(names, value=names[:2], label="checkpoints")
                     c_scorers = gr.CheckboxGroup(s.scorers, value=s.scorers, label="scorers")
                 with gr.Row():
+                    c_add = gr.Textbox(
+                        label="add a checkpoint: [NAME=]PATH (LoRA folder, kohya .safetensors, UNet folder, "
+                        "training run or runs/x/checkpoints/step_N)",
+                        max_lines=1,
+                        scale=4,
+                    )
+                    c_add_btn = gr.Button("Add checkpoint", scale=1)
+                with gr.Row():
                     c_prompt = gr.Textbox(label="prompt (empty: draw from the set)", max_lines=3, scale=3)
                     c_set = gr.Dropdown(s.prompt_sets, value=s.prompt_sets[0], label="prompt set", scale=1)
                     c_seeds = gr.Textbox(value="0-3", label="seeds (e.g. 0-3,10)", max_lines=1, scale=1)
@@ -280,6 +289,20 @@ def build_app(ctx: AppContext) -> gr.Blocks:
             api_name="compare",
             concurrency_id="generate",
             concurrency_limit=1,
+        )
+
+        @_guard
+        def on_add(spec, compare_value, arena_value):
+            name = add_checkpoint(ctx, spec)
+            choices = ctx.renderer.names()
+            return (
+                gr.update(choices=choices, value=[*(compare_value or []), name]),
+                gr.update(choices=choices, value=arena_value),
+                "",
+            )
+
+        c_add_btn.click(
+            on_add, [c_add, c_ckpts, a_ckpts], [c_ckpts, a_ckpts, c_add], api_name="add_checkpoint"
         )
 
         @_guard

@@ -96,6 +96,10 @@ class PipelineRenderer:
     def names(self) -> list[str]:
         return list(self.checkpoints)
 
+    def add(self, checkpoint: Any) -> None:
+        with self._lock:
+            self.checkpoints[checkpoint.name] = checkpoint
+
     def _checkpoint(self, name: str) -> Any:
         if name not in self.checkpoints:
             raise InputError(
@@ -233,6 +237,29 @@ class AppContext:
     def draw(self, fn: Callable[[random.Random], Any]) -> Any:
         with self._lock:
             return fn(self.rng)
+
+
+def add_checkpoint(ctx: AppContext, spec: str | None) -> str:
+    """Offer one more checkpoint (``[NAME=]PATH``: a LoRA folder, a kohya ``.safetensors``, a UNet folder, a
+    training run or one of its steps); returns its name."""
+    from samplers import parse_checkpoints
+
+    text = (spec or "").strip()
+    if not text:
+        raise InputError(
+            "type a checkpoint as NAME=PATH (LoRA folder, kohya .safetensors, UNet folder or run)"
+        )
+    add = getattr(ctx.renderer, "add", None)
+    if add is None:
+        raise InputError("this app's renderer takes no new checkpoints")
+    try:
+        (ckpt,) = parse_checkpoints([text])
+    except (ValueError, FileNotFoundError) as exc:
+        raise InputError(str(exc)) from None
+    if ckpt.name in ctx.renderer.names():
+        raise InputError(f"a checkpoint named {ckpt.name!r} is already there; name this one as NAME=PATH")
+    add(ckpt)
+    return ckpt.name
 
 
 # ---------------------------------------------------------------------------------------------------- validation

@@ -54,6 +54,9 @@ class FakeRenderer:
     def names(self) -> list[str]:
         return list(self._names)
 
+    def add(self, checkpoint: Any) -> None:
+        self._names.append(checkpoint.name)
+
     def identity(self, name: str) -> dict[str, Any]:
         return {"checkpoint": name, "checkpoint_path": None, "checkpoint_hash": f"fake-{name}"}
 

@@ -153,3 +153,27 @@ def test_training_reads_the_export_of_app_votes(launched: tuple[AppContext, str]
         if '"train/loss"' in line
     ]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+
+    # the tuned run comes back into the app: a blind round of base against it, on identical noise
+    compare_value, arena_value, _ = client.predict(
+        f"voted={runs / 'app_votes'}", ["base"], ["base"], api_name="/add_checkpoint"
+    )
+    assert compare_value["value"] == ["base", "voted"] and arena_value["choices"][-1][0] == "voted"
+    out = client.predict(
+        "",
+        "a red circle on a white background",
+        "toy:heldout",
+        "2",
+        "checkpoints",
+        "best",
+        ["base", "voted"],
+        api_name="/arena_next",
+    )
+    assert all("hidden" in image["label"] for image in out[:2])
+    reveal = client.predict("", api_name="/arena_1")[-2]
+    assert "voted" in reveal and "base" in reveal
+    rnd = ctx.store.votes()[-1].round
+    assert rnd.blind and {i.params["checkpoint"] for i in rnd.items} == {"base", "voted"}
+    assert len({i.params["seed"] for i in rnd.items}) == 1
+    with pytest.raises(Exception, match="already there"):
+        client.predict(f"voted={runs / 'app_votes'}", ["base"], ["base"], api_name="/add_checkpoint")

@@ -17,6 +17,7 @@ from apps.handlers import (
     CurateState,
     InputError,
     act,
+    add_checkpoint,
     check_user,
     compare,
     curate_act,
@@ -326,3 +327,17 @@ def test_winner_stays_keeps_the_last_winner():
     for _ in range(5):
         g = pick_group(mixed, 2, rng)
         assert g[0].prompt == g[1].prompt  # same prompt first when the folder allows it
+
+
+def test_checkpoints_added_in_the_ui_are_validated(ctx: AppContext, tmp_path: Path):
+    lora = tmp_path / "run" / "final" / "lora"
+    lora.mkdir(parents=True)
+    (lora / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    assert add_checkpoint(ctx, f"mine={tmp_path / 'run'}") == "mine"  # a run directory resolves to final/lora
+    assert "mine" in ctx.renderer.names()
+    with pytest.raises(InputError, match="already there"):
+        add_checkpoint(ctx, f"mine={lora}")
+    with pytest.raises(InputError, match="does not exist"):
+        add_checkpoint(ctx, "x=/no/such/lora")
+    with pytest.raises(InputError, match="NAME=PATH"):
+        add_checkpoint(ctx, "  ")
