@@ -184,7 +184,7 @@ def batched(n: int, batch_size: int) -> Iterator[range]:
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """``[B, 3, H, W]`` floats in [0, 1] -> ``[B, H, W, 3]`` uint8 (round to nearest)."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def from_uint8(arrays: Sequence[np.ndarray]) -> torch.Tensor:

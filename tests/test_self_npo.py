@@ -270,3 +270,16 @@ def test_self_npo_trains_on_a_captioned_image_folder(workdir: Path, tmp_path: Pa
     assert len([v for v in losses if v is not None]) == 2
     skipped = (run_dir / "skipped_rows.jsonl").read_text()
     assert "img06.png" in skipped and "img07.png" in skipped
+
+
+def test_the_official_launch_seed_does_not_overflow_the_step_generator(workdir: Path):
+    """The Self-NPO launchers' seed 453645634 (configs/*/self_npo.yaml) made reseed's combined seed exceed int64
+    ("Overflow when unpacking long long" at step 0); it is reduced modulo 2^63, and small seeds keep their draws."""
+    trainer = _trainer(SDXL_LORA, "run.name=bigseed", "run.seed=453645634")
+    trainer.reseed(3)
+    first = torch.rand(3, generator=trainer.noise_generator)
+    trainer.reseed(3)
+    assert torch.equal(first, torch.rand(3, generator=trainer.noise_generator))
+    small = _trainer(SDXL_LORA, "run.name=smallseed", "run.seed=7")
+    small.reseed(5)
+    assert small.noise_generator.initial_seed() == (7 * 1_000_003) * 1_000_033 + 5

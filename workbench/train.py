@@ -306,9 +306,11 @@ class Trainer:
     def reseed(self, step: int) -> None:
         """Every random draw of a step (timesteps, noise, posterior samples, prompt dropout) comes from a generator
         seeded by (run seed, process, step): exact resume needs no saved generator state, and each process of a
-        multi-GPU run draws its own noise."""
+        multi-GPU run draws its own noise. The combination is taken modulo 2^63 (a generator seed is a signed 64-bit
+        integer; large run seeds such as the Self-NPO launchers' 453645634 would overflow it), which leaves every
+        smaller value, and so every earlier run's draws, unchanged."""
         rank = self.accelerator.process_index
-        self.noise_generator.manual_seed((self.cfg.run.seed * 1_000_003 + rank) * 1_000_033 + step)
+        self.noise_generator.manual_seed(((self.cfg.run.seed * 1_000_003 + rank) * 1_000_033 + step) % 2**63)
 
     def _conditioning(self, batch: GroupBatch) -> dict[str, Any]:
         """UNet conditioning for the flat ``[B*K]`` batch: the group's prompt for each of its K images."""
