@@ -181,3 +181,23 @@ def test_exports_are_read_by_the_training_readers(tmp_path: Path):
     tuned = vote_stats(store)["checkpoints"]["tuned"]
     assert (tuned["wins"], tuned["losses"], tuned["prompts"]) == (3, 1, 2)
     assert tuned["low"] <= tuned["estimate"] == 0.75 <= tuned["high"]
+
+
+def test_votes_command_exports_and_refuses_a_missing_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    from workbench.cli import main
+
+    store = VoteStore(tmp_path / "v.sqlite")
+    rnd = _round(store, 4)
+    store.record_vote(
+        rnd.round_id, user_id="alice", outcome="rank", ranking=[3, 2, 1, 0], idempotency_key="1"
+    )
+    out = tmp_path / "export"
+    assert main(["votes", "export", "--db", str(store.path), "-o", str(out), "--format", "rankings"]) == 0
+    assert "1 active votes -> 6 pairs" in capsys.readouterr().out
+    assert [p.name for p in out.iterdir() if p.is_file()] == ["rankings.jsonl"]
+    assert main(["votes", "stats", "--db", str(store.path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["by_outcome"] == {"rank": 1}
+    with pytest.raises(ValueError, match="no vote store there"):
+        main(["votes", "stats", "--db", str(tmp_path / "missing.sqlite")])
