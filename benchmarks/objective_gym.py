@@ -78,6 +78,7 @@ class Row:
     negative: str | None = None
     negative_merge: float = 0.0
     versus: str | None = None
+    evaluate: bool = True  # False: trained for other rows only (a negative model), not rendered on its own
 
     @property
     def trains(self) -> bool:
@@ -155,12 +156,15 @@ ROWS: dict[str, Row] = {
     # unconditional branch of CFG; the "-cfg" rows render base or DPO weights with them there, compared with plain
     # CFG of the same positive weights on identical noise. The negative branch sees the empty prompt at inference,
     # so NPO recipes differ in how often they train on it (proportion_empty_prompts).
-    "npo": Row("configs/toy/npo.yaml", note="DPO on swapped pairs, captions only", group="negative"),
+    "npo": Row(
+        "configs/toy/npo.yaml", note="DPO on swapped pairs, captions only", group="negative", evaluate=False
+    ),
     "npo empty=0.5": Row(
         "configs/toy/npo.yaml",
         ("data.proportion_empty_prompts=0.5",),
         note="NPO with half the prompts empty (the branch it serves)",
         group="negative",
+        evaluate=False,
     ),
     "npo-cfg": Row(
         "", positive="base", negative="npo", note="base, NPO in the uncond branch", group="negative"
@@ -191,6 +195,7 @@ ROWS: dict[str, Row] = {
         group="negative",
         target=GUARD,
         guard=TARGET,
+        evaluate=False,
     ),
     "self_npo w=-1": Row(
         "configs/toy/self_npo.yaml",
@@ -199,6 +204,7 @@ ROWS: dict[str, Row] = {
         group="negative",
         target=GUARD,
         guard=TARGET,
+        evaluate=False,
     ),
     "self_npo lr=5e-4": Row(
         "configs/toy/self_npo.yaml",
@@ -207,6 +213,7 @@ ROWS: dict[str, Row] = {
         group="negative",
         target=GUARD,
         guard=TARGET,
+        evaluate=False,
     ),
     "self-npo w=-1-cfg": Row(
         "",
@@ -699,6 +706,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         done[name] = trained
 
+    requested = set(args.rows.split(",")) if args.rows else set()
+    names = [n for n in names if ROWS[n].evaluate or n in requested]  # negative models alone: only when asked
     val = evaluate(names, done, base, out, "val", VAL_SEEDS[: args.val_seeds])
     test = evaluate(names, done, base, out, "heldout", TEST_SEEDS[: args.test_seeds])
     text = [
