@@ -24,6 +24,21 @@ import numpy as np
 
 from apps.metadata import IMAGE_SUFFIXES, read_metadata
 from apps.store import Round, StoreError, Vote, VoteStore, new_id
+from samplers import (
+    SAMPLERS,
+    ImageCache,
+    SamplingConfig,
+    fingerprint,
+    from_uint8,
+    generate_images,
+    load_image,
+    load_pipeline_for,
+    model_id,
+    noise_seed,
+    parse_checkpoints,
+    png_bytes,
+    save_png,
+)
 
 ProgressFn = Callable[[float, str], None]
 
@@ -83,7 +98,6 @@ class PipelineRenderer:
     def __init__(
         self, base: str, checkpoints: Sequence[Any], *, device: str, dtype: str, cache_dir: str | None
     ):
-        from samplers import ImageCache
         from workbench.commands.generate import device_and_dtype, resolve_base
 
         self.base = resolve_base(base)
@@ -108,8 +122,6 @@ class PipelineRenderer:
         return self.checkpoints[name]
 
     def identity(self, name: str) -> dict[str, Any]:
-        from samplers import fingerprint, model_id
-
         ckpt = self._checkpoint(name)
         return {
             "checkpoint": ckpt.name,
@@ -122,7 +134,6 @@ class PipelineRenderer:
 
     def _load(self, name: str) -> Any:
         if name not in self._pipes:
-            from samplers import load_pipeline_for
             from workbench.models import DTYPES
 
             self._pipes[name] = load_pipeline_for(
@@ -138,8 +149,6 @@ class PipelineRenderer:
         cfg: Any,
         progress: ProgressFn | None = None,
     ) -> list[np.ndarray]:
-        from samplers import generate_images
-
         ident = self.identity(name)
         out: list[np.ndarray | None] = [None] * len(prompts)
         with self._lock:
@@ -195,8 +204,6 @@ class AppContext:
         self.settings = settings
         self.store = store or VoteStore(settings.db)
         if renderer is None:
-            from samplers import parse_checkpoints
-
             specs = list(dict.fromkeys([*settings.checkpoints, *discover_checkpoints(settings.runs_dir)]))
             renderer = PipelineRenderer(
                 settings.base,
@@ -242,8 +249,6 @@ class AppContext:
 def add_checkpoint(ctx: AppContext, spec: str | None) -> str:
     """Offer one more checkpoint (``[NAME=]PATH``: a LoRA folder, a kohya ``.safetensors``, a UNet folder, a
     training run or one of its steps); returns its name."""
-    from samplers import parse_checkpoints
-
     text = (spec or "").strip()
     if not text:
         raise InputError(
@@ -318,8 +323,6 @@ def check_k(k: Any) -> int:
 
 
 def sampling(ctx: AppContext, sampler: str | None, steps: Any, guidance: Any) -> Any:
-    from samplers import SAMPLERS, SamplingConfig
-
     s = ctx.settings
     name = sampler or s.sampler
     if name not in SAMPLERS:
@@ -340,8 +343,6 @@ def generation_params(
     ctx: AppContext, checkpoint: str, prompt: str, seed: int, cfg: Any, image: np.ndarray
 ) -> dict[str, Any]:
     """What identifies a generated image: checkpoint and its fingerprint, seed, sampler, steps, guidance, size."""
-    from samplers import noise_seed
-
     return {
         **ctx.renderer.identity(checkpoint),
         "source": "generated",
@@ -376,8 +377,6 @@ class Cell:
 def score_cells(ctx: AppContext, cells: list[Cell], prompt: str, scorers: Sequence[str]) -> None:
     """Fill each cell's scores (images of one size are scored as one batch per scorer)."""
     import torch
-
-    from samplers import from_uint8
 
     if not cells or not scorers:
         return
@@ -444,8 +443,6 @@ def compare(
 def grid_png(cells: Sequence[Cell], out: Path, *, columns: int | None = None) -> Path:
     """The cells as one PNG grid (row = checkpoint x guidance, column = seed) for download."""
     from PIL import Image
-
-    from samplers import save_png
 
     if not cells:
         raise InputError("nothing to download yet: generate a comparison first")
@@ -519,8 +516,6 @@ def for_display(image: np.ndarray, size: int = 256) -> np.ndarray:
 
 
 def round_view(ctx: AppContext, rnd: Round, state: ArenaState) -> RoundView:
-    from samplers import load_image
-
     revealed = state.voted
     labels = _labels(rnd, revealed)
     reveal = "   ".join(_labels(rnd, True)) if revealed else ""
@@ -572,7 +567,6 @@ def new_round(
         blind = True
     else:
         raise InputError(f"source must be 'seeds' or 'checkpoints', got {source!r}")
-    images: list[np.ndarray] = []
     by_name: dict[str, list[int]] = {}
     for i, n in enumerate(names):
         by_name.setdefault(n, []).append(i)
@@ -583,8 +577,6 @@ def new_round(
             slots[i] = img
     images = [x for x in slots if x is not None]
     items = []
-    from samplers import png_bytes
-
     for n, s, img in zip(names, seeds, images):
         params = generation_params(ctx, n, text, s, cfg, img)
         items.append((ctx.store.add_image(png_bytes(img), {**params, "prompt": text}), params))
@@ -696,7 +688,7 @@ def undo(ctx: AppContext, state: ArenaState, *, user: str) -> tuple[ArenaState, 
 
 def _next_attempt(ctx: AppContext, vote: Vote) -> int:
     """Votes already cast on the round (undone ones included), so the next key is new."""
-    return sum(1 for v in ctx.store.votes(include_undone=True) if v.round.round_id == vote.round.round_id)
+    return len(ctx.store.votes(round_id=vote.round.round_id, include_undone=True))
 
 
 # --------------------------------------------------------------------------------------------------------- curate
@@ -756,8 +748,6 @@ def load_folder(
 ) -> tuple[CurateState, str]:
     """Import a folder's images into the store (content-addressed, with the prompt / seed / sampler read from
     their metadata, a sidecar caption, or ``typed_prompt``); returns the session and a summary."""
-    from samplers import png_bytes
-
     if strategy not in ("swiss", "winner_stays"):
         raise InputError(f"pairing must be 'swiss' or 'winner_stays', got {strategy!r}")
     path = resolve_folder(ctx, folder)
@@ -772,8 +762,6 @@ def load_folder(
     for f in files:
         try:
             meta = read_metadata(f)
-            from samplers import load_image
-
             png = png_bytes(load_image(f))
         except (OSError, ValueError) as exc:
             unreadable.append(f"{f.name}: {exc}")
@@ -916,9 +904,8 @@ def _apply(state: CurateState, vote: Vote) -> None:
 
 
 def _tally(ctx: AppContext, state: CurateState, round_id: str) -> None:
-    for vote in ctx.store.votes():
-        if vote.round.round_id == round_id:
-            _apply(state, vote)
+    for vote in ctx.store.votes(round_id=round_id):
+        _apply(state, vote)
 
 
 def _retally(ctx: AppContext, state: CurateState, user: str) -> None:

@@ -452,13 +452,17 @@ class VoteStore:
             row["created_at"],
         )
 
-    def votes(self, *, user_id: str | None = None, include_undone: bool = False) -> list[Vote]:
-        """Votes in the order they were cast; active ones only unless ``include_undone``."""
+    def votes(
+        self, *, user_id: str | None = None, round_id: str | None = None, include_undone: bool = False
+    ) -> list[Vote]:
+        """Votes in the order they were cast (of one user, on one round); active ones only unless
+        ``include_undone``."""
         where = [] if include_undone else ["u.vote_id IS NULL"]
         params: list[Any] = []
-        if user_id is not None:
-            where.append("v.user_id = ?")
-            params.append(user_id)
+        for column, value in (("v.user_id", user_id), ("v.round_id", round_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
         sql = "SELECT v.* FROM votes v LEFT JOIN undos u ON u.vote_id = v.vote_id"
         if where:
             sql += " WHERE " + " AND ".join(where)
