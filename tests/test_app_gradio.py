@@ -34,6 +34,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AppCont
     )
     ctx = AppContext(settings)
     demo, url = launch(ctx, auth=[AUTH], block=False)
+    assert url.startswith("http://127.0.0.1:") and not demo.share and demo.share_url is None  # local only
     try:
         yield ctx, url
     finally:

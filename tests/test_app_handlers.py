@@ -341,3 +341,12 @@ def test_checkpoints_added_in_the_ui_are_validated(ctx: AppContext, tmp_path: Pa
         add_checkpoint(ctx, "x=/no/such/lora")
     with pytest.raises(InputError, match="NAME=PATH"):
         add_checkpoint(ctx, "  ")
+
+
+def test_auth_pairs_are_parsed_strictly():
+    from workbench.commands.app import parse_auth
+
+    assert parse_auth(["alice:pw", "bob:a:b"]) == [("alice", "pw"), ("bob", "a:b")]
+    for bad in ("alice", "alice:", ":pw"):
+        with pytest.raises(ValueError, match="USER:PASS"):
+            parse_auth([bad])
