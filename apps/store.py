@@ -751,7 +751,7 @@ def vote_stats(store: VoteStore, *, user_id: str | None = None, n_boot: int = 20
         "undone": len(all_votes) - len(votes),
         "by_user": by(lambda v: v.user_id),
         "by_outcome": by(lambda v: v.outcome),
-        "by_k": by(lambda v: str(v.round.k)),
+        "by_k": by(lambda v: f"K={v.round.k}"),
         "by_source": by(lambda v: v.round.source),
         "latency_ms_median": latencies[len(latencies) // 2] if latencies else None,
         "pairs": len(pairs),

@@ -89,6 +89,7 @@ def test_browser_votes_with_shortcuts_and_curates(app_url: tuple[Any, str], tmp_
         # ---- Arena: 4 images, keyboard only
         page.get_by_role("tab", name="Arena").click()
         page.locator("#arena-k").get_by_text("4", exact=True).click()
+        page.locator("#arena-prompt textarea").fill("a large red circle on a white background")
         page.locator("body").click(position={"x": 5, "y": 5})
         page.keyboard.press("n")
         status = page.locator("#arena-status")
@@ -140,6 +141,9 @@ def test_browser_votes_with_shortcuts_and_curates(app_url: tuple[Any, str], tmp_
         page.get_by_role("tab", name="Votes").click()
         page.locator("#votes-stats").click()
         expect(page.get_by_text("4 active, 1 undone")).to_be_visible(timeout=WAIT)
+        page.locator("#votes-export").click()
+        # best of 4 -> 3 pairs, a 4-way tie -> 6 tie pairs, two curate pairs -> 2
+        expect(page.get_by_text("4 active votes -> 11 pairs (6 of them ties)")).to_be_visible(timeout=WAIT)
         page.screenshot(path=str(shots / "votes.png"), full_page=True)
         browser.close()
 
