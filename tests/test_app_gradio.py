@@ -155,6 +155,24 @@ def test_training_reads_the_export_of_app_votes(launched: tuple[AppContext, str]
     ]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
 
+    # `workbench train` also reads the store itself, in place
+    code = main(
+        [
+            "train",
+            str(Path(__file__).parents[1] / "configs/toy/dpo.yaml"),
+            f"model.source={toy_pipeline_path()}",
+            f"data.sources=[{{format: app_votes, path: {ctx.settings.db}}}]",
+            f"data.cache.dir={tmp_path / 'cache'}",
+            f"run.output_dir={runs}",
+            "run.name=app_store",
+            "train.max_steps=2",
+            "train.batch_size=2",
+            "train.checkpoint_every=1000",
+            "--no-progress",
+        ]
+    )
+    assert code == 0 and (runs / "app_store" / "final" / "COMPLETE").is_file()
+
     # the tuned run comes back into the app: a blind round of base against it, on identical noise
     compare_value, arena_value, _ = client.predict(
         f"voted={runs / 'app_votes'}", ["base"], ["base"], api_name="/add_checkpoint"

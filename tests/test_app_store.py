@@ -166,6 +166,15 @@ def test_exports_are_read_by_the_training_readers(tmp_path: Path):
     row = json.loads(result.files["rankings"].read_text().splitlines()[0])
     assert row["checkpoints"][0] == "tuned"
 
+    # read in place (data.sources format app_votes): the same pairs as the export, winner first
+    from workbench.data import read_records
+
+    direct, report = read_records([{"format": "app_votes", "path": str(store.path)}])
+    exported, _ = read_records([{"format": "pickapic_parquet", "path": str(result.files["pickapic"])}])
+    assert report.ties_dropped == 1 and len(direct) == len(exported) == 4
+    for d, e in zip(direct, exported):
+        assert [Path(str(i)).read_bytes() for i in d.images] == e.images and d.prompt == e.prompt
+
     stats = vote_stats(store)
     assert stats["by_outcome"] == {"best": 2, "tie": 1}
     assert stats["checkpoints"]["tuned"]["wins"] == 2  # best-of-4: tuned beat the two base images

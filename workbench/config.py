@@ -81,10 +81,11 @@ class ModelSection(_Strict):
 
 # ---------------------------------------------------------------------------------------------------------- data
 class DataSource(_Strict):
-    format: Literal["pickapic_parquet", "pair_jsonl", "ranking_jsonl", "image_folder"] = Field(
+    format: Literal["pickapic_parquet", "pair_jsonl", "ranking_jsonl", "image_folder", "app_votes"] = Field(
         ...,
         description="pickapic_parquet: jpg_0/jpg_1/label_0/label_1/caption (file or folder of shards); "
-        "image_folder: images with same-name .txt captions, no preferences (self_npo, sft).",
+        "image_folder: images with same-name .txt captions, no preferences (self_npo, sft); "
+        "app_votes: the vote store of `workbench app` (votes.sqlite), its active votes as pairs.",
     )
     path: str
     labels: Literal["human", "scorer"] = Field(
@@ -345,6 +346,7 @@ SOURCE_KINDS = {
     "pair_jsonl": "pairs",
     "ranking_jsonl": "rankings",
     "image_folder": "images",
+    "app_votes": "pairs",
 }
 
 

@@ -20,6 +20,8 @@ per-image captions, scores (higher = better) and a user id. Readers:
   ``workbench synth`` writes. A ranking whose best and worst scores are equal (so all of them are) is a tie, dropped
   by default whether it is used whole or reduced to its (best, worst) pair. Partial ties (``[3, 1, 1]``) are kept:
   the order among tied images is arbitrary, and the scores carry the tie for an objective that reads them.
+* The vote store of ``workbench app`` (``app_votes``, the SQLite file), read in place: its active votes as the pairs
+  its Pick-a-Pic export holds (K-wise votes expanded as :mod:`apps.store` documents; ties at 0.5, dropped by default).
 
 :func:`read_records` reads a list of sources and shapes the groups for the objective: ``group="pair"`` reduces each
 ranking to (best, worst), ``group="ranking"`` keeps all K; groups smaller than ``min_k`` are skipped and reported.
@@ -320,11 +322,45 @@ def read_image_folder(
         yield PreferenceRecord(caption, [str(file)], file.name)
 
 
+def read_app_votes(
+    path: str | Path, report: ReadReport, *, drop_ties: bool = True, labels: str = "human"
+) -> Iterator[PreferenceRecord]:
+    """The vote store of ``workbench app`` (SQLite), read in place: its active votes (undone ones left out) expanded
+    into pairs exactly as its Pick-a-Pic export is (:func:`apps.store.expand_pairs`: best-of-K gives the best over
+    each other image, a ranking all its pairs, a tie pairs at 0.5; both-bad and skip give none)."""
+    from apps.store import VoteStore, expand_pairs
+
+    db = Path(path)
+    if not db.is_file():
+        raise DataError(f"{db}: no vote store there (data.sources[].path of an app_votes source)")
+    if labels != "human":
+        raise DataError(f"{db}: labels: {labels} does not apply to app_votes (the votes are the labels)")
+    for vote in VoteStore(db).votes():
+        for pair in expand_pairs(vote):
+            rid = f"{db.name}:vote{vote.vote_id}:{pair.first}-{pair.second}"
+            report.total += 1
+            if pair.label_first == 0.5 and drop_ties:
+                report.ties_dropped += 1
+                continue
+            first, second = (vote.round.items[s].path for s in (pair.first, pair.second))
+            images: list[ImageSource] = [str(first), str(second)]
+            if pair.label_first == 0.0:
+                images.reverse()
+            yield PreferenceRecord(
+                vote.round.prompt,
+                images,
+                rid,
+                user_id=vote.user_id,
+                pref_prob=0.5 if pair.label_first == 0.5 else 1.0,
+            )
+
+
 READERS = {
     "pickapic_parquet": read_pickapic_parquet,
     "pair_jsonl": read_pair_jsonl,
     "ranking_jsonl": read_ranking_jsonl,
     "image_folder": read_image_folder,
+    "app_votes": read_app_votes,
 }
 
 
