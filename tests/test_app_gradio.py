@@ -196,3 +196,14 @@ def test_training_reads_the_export_of_app_votes(launched: tuple[AppContext, str]
     assert len({i.params["seed"] for i in rnd.items}) == 1
     with pytest.raises(Exception, match="already there"):
         client.predict(f"voted={runs / 'app_votes'}", ["base"], ["base"], api_name="/add_checkpoint")
+
+
+def test_bad_input_comes_back_as_a_message(launched: tuple[AppContext, str], tmp_path: Path):
+    _, url = launched
+    client = Client(url, auth=AUTH, verbose=False)
+    with pytest.raises(Exception, match="limit is 500"):
+        client.predict("", "x" * 600, "toy:heldout", "2", "seeds", "best", ["base"], api_name="/arena_next")
+    with pytest.raises(Exception, match="does not exist"):
+        client.predict(str(tmp_path / "nope"), "", "swiss", api_name="/curate_load")
+    with pytest.raises(Exception, match="at most 16"):
+        client.predict(["base"], "p", "toy:heldout", "0-99", "euler", 2, 5.0, "", [], api_name="/compare")
