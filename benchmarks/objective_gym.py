@@ -296,6 +296,7 @@ ROWS: dict[str, Row] = {
     ),
     "sft ranked best": Row(
         "configs/toy/sft.yaml",
+        ("train.max_steps=200",),
         data="ranked",
         note="SFT on each ranking's best sample (the DPO toy budget)",
         group="ranked",
