@@ -486,10 +486,18 @@ def train_row(name: str, row: Row, out: Path, sources: Sources, base: str, fresh
 
 def _recipe_key(recipe_yaml: str) -> str:
     """A resolved recipe without its run name, folder and checkpoint bookkeeping (none of which changes the trained
-    weights): what decides whether a trained row can be reused."""
+    weights): what decides whether a trained row can be reused. The stored recipe is re-read through the current
+    schema first, so a field added to the schema since the row was trained (at its default, which is what the row
+    ran with) does not force a retrain; a recipe the schema no longer accepts is compared as written."""
     import yaml
 
+    from workbench.config import RunConfig
+
     data = yaml.safe_load(recipe_yaml)
+    try:
+        data = json.loads(json.dumps(RunConfig.model_validate(data).model_dump(mode="json")))
+    except ValueError:
+        pass
     for section, key in (
         ("run", "name"),
         ("run", "output_dir"),
