@@ -194,7 +194,8 @@ def relabel(
     result = RelabelResult(files=files, rows=0, scored_now=0)
     sidecars: dict[Path, _Sidecar] = {}
     for file in files:
-        side = _Sidecar(state / f"{file.name}.scores.jsonl")
+        key = file.relative_to(path).as_posix().replace("/", "__") if path.is_dir() else file.name
+        side = _Sidecar(state / f"{key}.scores.jsonl")  # shards of the same name in subfolders stay apart
         sidecars[file] = side
         for rows in _batches(file, fmt, batch_size):
             result.rows += len(rows)

@@ -72,21 +72,24 @@ def test_soft_label_rule():
 
 
 def test_relabel_pickapic_folder_in_place_with_global_min_max(tmp_path: Path):
-    """Two shards; min / max over both; scorer order (not the human one); human ties still dropped when read."""
+    """Three shards (two of the same name, one in a subfolder); min / max over all; scorer order (not the human one);
+    human ties still dropped when read."""
     data = tmp_path / "pap"
-    _pickapic(
-        data / "a.parquet", [(0.9, 0.2), (0.3, 0.5)], [0.0, 1.0]
-    )  # human labels disagree with the scorer
-    _pickapic(data / "b.parquet", [(0.6, 0.6), (0.1, 0.8)], [0.5, 0.0])  # a human tie, an agreeing pair
+    # a.parquet: human labels disagree with the scorer; b.parquet: a human tie, an agreeing pair
+    _pickapic(data / "a.parquet", [(0.9, 0.2), (0.3, 0.5)], [0.0, 1.0])
+    _pickapic(data / "b.parquet", [(0.6, 0.6), (0.1, 0.8)], [0.5, 0.0])
+    _pickapic(data / "sub" / "a.parquet", [(0.5, 0.4)], [1.0])
     scorer = Counting()
     result = relabel(data, "pickapic_parquet", scorer, "redness", batch_size=1)
-    assert result.rows == 4 and result.scored_now == 4 and not result.failed
-    assert scorer.calls == 4 and scorer.images == 8  # batch_size 1 -> 2 images per call
+    assert result.rows == 5 and result.scored_now == 5 and not result.failed
+    assert scorer.calls == 5 and scorer.images == 10  # batch_size 1 -> 2 images per call
     import pyarrow.parquet as pq
 
     a = pq.read_table(data / "a.parquet").to_pydict()
     b = pq.read_table(data / "b.parquet").to_pydict()
-    scores = [*a["score_0"], *a["score_1"], *b["score_0"], *b["score_1"]]
+    c = pq.read_table(data / "sub" / "a.parquet").to_pydict()
+    assert c["score_0"][0] > c["score_1"][0] and c["score_0"] != a["score_0"][:1]
+    scores = [*a["score_0"], *a["score_1"], *b["score_0"], *b["score_1"], *c["score_0"], *c["score_1"]]
     lo, hi = min(scores), max(scores)
     assert (result.score_min, result.score_max) == (lo, hi)
     for t in (a, b):
@@ -97,14 +100,14 @@ def test_relabel_pickapic_folder_in_place_with_global_min_max(tmp_path: Path):
     assert len(a["jpg_0"]) == 2 and not list(data.glob("*.parquet.tmp"))
 
     records = list(read_pickapic_parquet(data, ReadReport(), labels="scorer"))
-    assert len(records) == 3  # the human tie is dropped
+    assert len(records) == 4  # the human tie is dropped
     for rec in records:
         assert rec.scores is not None and rec.scores[0] >= rec.scores[1]  # scorer order
         assert rec.pref_prob == pytest.approx(
             1 / (1 + math.exp(-(rec.scores[0] - rec.scores[1]) / (hi - lo)))
         )
     human = list(read_pickapic_parquet(data, ReadReport()))
-    assert [r.pref_prob for r in human] == [1.0, 1.0, 1.0]
+    assert [r.pref_prob for r in human] == [1.0, 1.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="workbench relabel"):  # a file never relabelled
         list(read_pickapic_parquet(_fresh_copy(tmp_path), ReadReport(), labels="scorer"))
 
