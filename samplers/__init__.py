@@ -4,6 +4,10 @@ Every function that draws noise takes (or builds, from the documented rule in :m
 ``torch.Generator``; the same (prompt, seed) gives the same initial noise for every checkpoint compared.
 """
 
+from samplers import (
+    inversion,  # registers the inversion noising methods (ddim_inversion, renoise_inversion)
+    truncated,  # registers Self-NPO's truncated_teacher noising
+)
 from samplers.cache import ImageCache, default_cache_dir
 from samplers.checkpoints import Checkpoint, fingerprint, load_pipeline_for, model_id, parse_checkpoints
 from samplers.generate import (
@@ -18,8 +22,6 @@ from samplers.generate import (
     to_uint8,
     with_sampler,
 )
-from samplers import inversion  # registers the inversion noising methods (ddim_inversion, renoise_inversion)
-from samplers import truncated  # registers Self-NPO's truncated_teacher noising
 from samplers.guidance import NegativeGuidanceUNet, negative_guidance_pipeline
 from samplers.jobs import generate_images
 from samplers.noise import NOISE_RULE, generators, initial_noise, noise_seed

@@ -100,7 +100,7 @@ def test_a_failing_validation_keeps_the_checkpoint_and_training_goes_on(workdir:
         *ONE_IMAGE,
     )
 
-    def broken(unet):
+    def broken(unet, **_):
         raise RuntimeError("mat1 and mat2 must have the same dtype")
 
     trainer.validator.render = broken  # type: ignore[method-assign]
@@ -453,9 +453,15 @@ def test_every_registered_objective_trains_two_steps(workdir: Path, name: str):
     # rankdpo reads ranking data: tests/test_rankdpo.py trains it two steps on mixed-K rankings; inpo:
     # tests/test_inpo_smpo.py trains it two steps (ln 2 at step 0); smpo needs soft labels: tests/test_relabel.py
     # trains it two steps on relabelled pairs; self_npo (an EMA teacher, LoRA and full): tests/test_self_npo.py
-    assert set(OBJECTIVES.names()) == {"diffusion_dpo", "inpo", "npo", "rankdpo", "self_npo", "sft", "smpo"}, (
-        "add new objectives to this test"
-    )
+    assert set(OBJECTIVES.names()) == {
+        "diffusion_dpo",
+        "inpo",
+        "npo",
+        "rankdpo",
+        "self_npo",
+        "sft",
+        "smpo",
+    }, "add new objectives to this test"
     trainer = _trainer(
         SDXL_LORA,
         f"run.name=two_{name}",
