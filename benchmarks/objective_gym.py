@@ -258,6 +258,7 @@ ROWS: dict[str, Row] = {
     # 4 images, DPO's 2). Recipe (steps) chosen per objective on the validation split; "versus" pairs the two.
     "rankdpo ranked": Row(
         "configs/toy/rankdpo.yaml",
+        ("train.max_steps=200",),  # the DPO toy budget; the toy config holds the validation choice (100)
         data="ranked",
         note="RankDPO on the full rankings, 200 steps",
         group="ranked",
