@@ -392,7 +392,8 @@ def test_objective_needs_are_checked_against_the_data_formats():
     )
     try:
         with pytest.raises(
-            ConfigError, match=r"needs rankings with K >= 3; data.sources\[0\] is pickapic_parquet"
+            ConfigError,
+            match=r"needs rankings \(groups of K >= 3 images, best first\); data.sources\[0\] is pickapic_parquet",
         ):
             load_config(ROOT / SDXL_LORA, ["objective={name: ranked_probe}"])
     finally:

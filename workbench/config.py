@@ -311,7 +311,7 @@ class RunConfig(_Strict):
                 )
             if needs.data == "rankings" and kind == "pairs":
                 raise ValueError(
-                    f"objective {name} needs rankings with K >= {max(3, needs.min_k)}; data.sources[{i}] is "
+                    f"objective {name} needs rankings (groups of K >= {needs.min_k} images, best first); data.sources[{i}] is "
                     f"{src.format} ({kind}). Use ranking_jsonl data (workbench synth writes rankings.jsonl) or a "
                     "pairwise objective."
                 )
