@@ -25,12 +25,14 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from inversion_step import _step  # the loop's optimizer step, timed  # noqa: E402
 
 VARIANTS = {"dpo": "configs/toy/dpo.yaml", "self_npo": "configs/toy/self_npo.yaml"}
 
@@ -58,22 +60,6 @@ def _trainers(workdir: Path, batch: int, pairs: int) -> dict:
         trainer.setup()
         out[name] = trainer
     return out
-
-
-def _step(trainer, step: int, batch: int) -> float:
-    """One optimizer step as the loop runs it (batch, loss, backward, optimizer, reference hook), timed."""
-    indices = trainer.cursor.take(batch)
-    t0 = time.perf_counter()
-    trainer.reseed(step)
-    b = trainer.cache.batch(indices, trainer.noise_generator, empty_prompt_prob=0.0, hflip=False)
-    loss, _ = trainer.compute_loss(b)
-    trainer.accelerator.backward(loss)
-    trainer.optimizer.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
-    on_step = getattr(trainer.reference, "on_optimizer_step", None)
-    if on_step is not None:
-        on_step(trainer.accelerator.unwrap_model(trainer.unet))
-    return time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> int:
