@@ -347,11 +347,12 @@ class Trainer:
         reference, k = self.reference, batch.shape[1]
         if reference is None:
             return None
-        uncond = self._unconditional(batch)
-        both = _cat_conditioning(cond, uncond)
+        both: dict[str, Any] = {}  # built on first use: objectives without a teacher never pay for it
 
         @torch.no_grad()
         def teacher(x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if not both:
+                both.update(_cat_conditioning(cond, self._unconditional(batch)))
             x, tt = flatten_groups(x_t), flatten_groups(t)
             n = x.shape[0]
             out = reference.predict(torch.cat([x, x]), torch.cat([tt, tt]), both)
@@ -408,10 +409,8 @@ class Trainer:
         )
 
     def compute_loss(self, batch: GroupBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if (
-            self.spec.needs.data == "winners"
-        ):  # only column 0 is used: the others are not run through the models
-            batch = first_column(batch)
+        if self.spec.needs.data == "winners":
+            batch = first_column(batch)  # only column 0 is used: the others never go through the models
         return self.loss_fn(self.predictions(batch), batch)
 
     @torch.no_grad()
