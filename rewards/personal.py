@@ -20,6 +20,7 @@ images of the fit (stored with the weights).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -330,3 +331,67 @@ def expand_choices(
     if not pairs:
         raise ValueError("no choices given; record at least one (chosen, rejected) pair")
     return pairs
+
+
+# -- evaluation and active selection (pure functions of the BT fit) ---------------------------------------------------
+def leave_one_group_out(
+    diff: torch.Tensor, groups: Sequence[int], prior: torch.Tensor, l2: float = 1.0
+) -> torch.Tensor:
+    """Held-out margins ``[N]``: for each group (e.g. the K - 1 pairs of one best-of-K vote), refit without all of its
+    pairs and predict them, so that pairs of one judgment never vouch for each other."""
+    labels = torch.as_tensor(list(groups))
+    if labels.shape[0] != diff.shape[0]:
+        raise ValueError(f"groups: {labels.shape[0]} labels for {diff.shape[0]} pairs")
+    unique = labels.unique()
+    if unique.numel() < 2:
+        raise ValueError(f"leave-one-group-out needs at least 2 groups (votes), got {unique.numel()}")
+    margins = torch.zeros(diff.shape[0])
+    for g in unique:
+        out = labels == g
+        w = fit_bradley_terry(diff[~out], prior, l2)
+        margins[out] = diff[out].float() @ w
+    return margins
+
+
+def laplace_covariance(diff: torch.Tensor, w: torch.Tensor, l2: float = 1.0) -> torch.Tensor:
+    """Laplace posterior covariance ``[S, S]`` of the weights at the MAP ``w``: the inverse of the objective's Hessian
+    ``diff.T diag(sigmoid(m) sigmoid(-m)) diff + l2 I`` (``m = diff @ w``; :func:`fit_bradley_terry`'s objective).
+    With no choices (``diff`` of 0 rows) it is the prior's ``I / l2``."""
+    d, wd = diff.double(), w.double()
+    m = d @ wd
+    hess = d.T @ (d * (torch.sigmoid(m) * torch.sigmoid(-m))[:, None]) + l2 * torch.eye(
+        wd.shape[0], dtype=torch.float64
+    )
+    return torch.linalg.inv(hess)
+
+
+def pair_information(
+    dphi: torch.Tensor, w: torch.Tensor, cov: torch.Tensor, nodes: int = 40
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predictive ``P(a > b)`` and expected information (bits) of the answer for candidate pairs
+    ``dphi[P, S] = phi(a) - phi(b)`` under the Laplace posterior ``w ~ N(w, cov)``.
+
+    The margin of a pair is Gaussian, ``m ~ N(mu = dphi . w, v = dphi' cov dphi)``; with ``p(m) = sigmoid(m)`` and
+    ``H`` the binary entropy, the information is BALD (Houlsby et al. 2011, "Bayesian active learning for
+    classification and preference learning", Eq. 2): ``I = H(E[p(m)]) - E[H(p(m))]``, the expectations taken by
+    Gauss-Hermite quadrature with ``nodes`` points (deterministic). Unlike ``|P - 0.5|`` it is ~0 for two near
+    identical images (``mu ~ 0`` but also ``v ~ 0``: the answer is a coin flip that teaches nothing).
+    """
+    import numpy as np
+
+    x, wq = np.polynomial.hermite.hermgauss(nodes)
+    x_t = torch.as_tensor(x, dtype=torch.float64)
+    wq_t = torch.as_tensor(wq, dtype=torch.float64) / math.sqrt(math.pi)
+    d = dphi.double()
+    mu = d @ w.double()  # [P]
+    var = ((d @ cov.double()) * d).sum(1).clamp_min(0)  # [P]
+    m = mu[:, None] + torch.sqrt(2 * var)[:, None] * x_t[None, :]  # [P, nodes]
+    p = torch.sigmoid(m)
+    p_mean = (p * wq_t).sum(1)
+    info = _entropy_bits(p_mean) - (_entropy_bits(p) * wq_t).sum(1)
+    return p_mean.float(), info.clamp_min(0).float()
+
+
+def _entropy_bits(p: torch.Tensor) -> torch.Tensor:
+    q = p.clamp(1e-12, 1 - 1e-12)
+    return -(q * torch.log2(q) + (1 - q) * torch.log2(1 - q))

@@ -209,9 +209,10 @@ def mean_difference(
 
 
 # ------------------------------------------------------------------------------------------------------ win rates
-def wilson_interval(successes: int, trials: int, level: float = LEVEL) -> Interval:
+def wilson_interval(successes: float, trials: float, level: float = LEVEL) -> Interval:
     """Wilson score interval for a binomial proportion (Wilson 1927): centre ``(p + z^2/2n) / (1 + z^2/n)``,
-    half-width ``z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n)`` with ``z`` the normal quantile at ``(1+level)/2``."""
+    half-width ``z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n)`` with ``z`` the normal quantile at ``(1+level)/2``.
+    Weighted counts (e.g. pairs of one K-wise vote weighing 1/(K-1) each) are accepted as they are."""
     from scipy import stats
 
     if trials == 0:
