@@ -42,6 +42,7 @@ from apps.handlers import (
     slider_pair,
     stats_text,
 )
+from apps.tabs_leaderboard import leaderboard_tab
 
 MAX_K = 4
 #: button id suffix -> the action key the handlers take
@@ -248,6 +249,8 @@ def build_app(ctx: AppContext) -> gr.Blocks:
                 v_stats = gr.Code(label="statistics", language=None)
                 v_export = gr.Markdown()
                 v_file = gr.File(label="Pick-a-Pic parquet", interactive=False)
+
+            leaderboard_tab(ctx.store)  # apps/tabs_leaderboard.py: ratings from the votes, users overview
 
         # ------------------------------------------------------------------------------------------ wiring
         @_guard
