@@ -500,7 +500,8 @@ def _labels(rnd: Round, revealed: bool) -> list[str]:
     for pos, item in enumerate(rnd.shown(), start=1):
         p = item.params
         if revealed or not rnd.blind:
-            who = p.get("checkpoint") or Path(str(p.get("source_file", ""))).name or "image"
+            # "arm": what a before/after round compares (e.g. best-of-8 reranking of a checkpoint), when set
+            who = p.get("arm") or p.get("checkpoint") or Path(str(p.get("source_file", ""))).name or "image"
             seed = f" · seed {p['seed']}" if p.get("seed") is not None else ""
             out.append(f"{pos} · {who}{seed}")
         else:
