@@ -24,6 +24,7 @@ Plain typed functions over :class:`apps.handlers.AppContext` (no Gradio above :f
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import threading
@@ -39,14 +40,26 @@ import torch
 
 from apps.handlers import (
     AppContext,
+    ArenaState,
     InputError,
+    ProgressFn,
+    RoundView,
+    check_prompt,
+    check_seeds,
+    generation_params,
+    round_view,
+    sampling,
 )
 from apps.store import Vote
 from rewards.personal import (
     PersonalScorer,
+    fit_bradley_terry,
+    laplace_covariance,
     leave_one_group_out,
+    pair_information,
+    standardise,
 )
-from samplers import from_uint8, load_image
+from samplers import from_uint8, load_image, png_bytes
 from workbench.stats import Interval, wilson_interval
 
 MIN_VOTES = 4  # usable votes before a scorer is fitted (and before active selection replaces random pairs)
@@ -350,3 +363,355 @@ def load_user_scorer(ctx: AppContext, user: str) -> PersonalScorer:
         hit = (stamp, PersonalScorer.from_pretrained(str(path)))
         _LOADED[str(path)] = hit
     return hit[1]
+
+
+# ------------------------------------------------------------------------------------------------ fresh samples
+@dataclass
+class RankedSample:
+    seed: int
+    image: np.ndarray
+    personal: float  # the user's scorer (log-odds units: a difference d means P(prefer) = sigmoid(d))
+    population: float  # the population ensemble (the prior weights) on the same standardised features
+    features: dict[str, float]
+
+    def caption(self, rank: int) -> str:
+        return (
+            f"#{rank} · seed {self.seed} · personal {self.personal:+.2f} · population {self.population:+.2f}"
+        )
+
+
+def population_score(scorer: PersonalScorer, features: torch.Tensor) -> torch.Tensor:
+    """The prior (population ensemble) on the scorer's standardised features ``[M, S (+ k)]``."""
+    prior = scorer.info.get("prior")
+    if prior is None:
+        prior = PersonalScorer.prior(
+            scorer.member_names,
+            scorer.info.get("anchor"),
+            extra=len(scorer.weights) - len(scorer.member_names),
+        ).tolist()
+    phi = (features - scorer.mean.cpu()) / scorer.std.cpu()
+    return phi @ torch.tensor(prior, dtype=phi.dtype)
+
+
+def rank_fresh(
+    ctx: AppContext,
+    user: str,
+    *,
+    checkpoint: str,
+    prompt: str | None,
+    prompt_set: str | None = None,
+    seeds: str = "0-7",
+    sampler: str | None = None,
+    steps: Any = None,
+    guidance: Any = None,
+    progress: ProgressFn | None = None,
+) -> tuple[str, list[RankedSample]]:
+    """Render ``seeds`` of ``checkpoint`` for a prompt (fixed seeds: the same images every time) and order them by
+    the user's personal scorer, best first, with the population ensemble's score beside it."""
+    scorer = load_user_scorer(ctx, user)
+    text = check_prompt(ctx, prompt, prompt_set)
+    seed_list = check_seeds(ctx, seeds)
+    cfg = sampling(ctx, sampler, steps, guidance)
+    images = ctx.renderer.render(checkpoint, [text] * len(seed_list), seed_list, cfg, progress)
+    x = from_uint8(images)
+    with torch.no_grad():
+        feats = scorer.features(x, [text] * len(images))
+        personal = scorer.score(x, [text] * len(images)).float().cpu()
+    population = population_score(scorer, feats)
+    rows = [
+        RankedSample(s, img, float(p), float(q), dict(zip(scorer.feature_names, f.tolist())))
+        for s, img, p, q, f in zip(seed_list, images, personal, population, feats)
+    ]
+    return text, sorted(rows, key=lambda r: -r.personal)
+
+
+# --------------------------------------------------------------------------------------------- active selection
+@dataclass
+class CurrentFit:
+    """The BT fit of the user's votes as they are now (not saved): weights, Laplace covariance, standardisation."""
+
+    weights: torch.Tensor
+    cov: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    votes: int
+
+
+def current_fit(ctx: AppContext, user: str, *, l2: float = 1.0) -> CurrentFit | None:
+    """Refit the user's population-feature BT model on their votes now; None below :data:`MIN_VOTES` votes."""
+    data = user_choices(ctx, user)
+    if data.n_votes < MIN_VOTES:
+        return None
+    members, _ = _members(ctx)
+    images = [load_image(p) for _, _, p in data.items]
+    features = member_features(ctx, images, [p for _, p, _ in data.items], keys=[s for s, _, _ in data.items])
+    mean, std = standardise(features)
+    phi = (features - mean) / std
+    pairs, _, _ = data.pairs()
+    diff = phi[[a for a, _ in pairs]] - phi[[b for _, b in pairs]]
+    w = fit_bradley_terry(diff, PersonalScorer.prior(list(members)), l2)
+    return CurrentFit(w, laplace_covariance(diff, w, l2), mean, std, data.n_votes)
+
+
+def most_informative_pair(fit: CurrentFit, features: torch.Tensor) -> tuple[int, int, float, float]:
+    """Among all pairs of a candidate pool ``features[P, S]``, the one whose answer is expected to teach the fit the
+    most (BALD, :func:`rewards.personal.pair_information`); returns ``(i, j, P(i > j), bits)``."""
+    if features.shape[0] < 2:
+        raise InputError("the candidate pool needs at least 2 images")
+    phi = (features - fit.mean) / fit.std
+    pairs = list(itertools.combinations(range(features.shape[0]), 2))
+    dphi = torch.stack([phi[i] - phi[j] for i, j in pairs])
+    p, info = pair_information(dphi, fit.weights, fit.cov)
+    best = int(torch.argmax(info))
+    i, j = pairs[best]
+    return i, j, float(p[best]), float(info[best])
+
+
+def next_teaching_pair(
+    ctx: AppContext,
+    *,
+    user: str,
+    checkpoint: str,
+    prompt: str | None,
+    prompt_set: str | None,
+    pool: int = 6,
+    sampler: str | None = None,
+    steps: Any = None,
+    guidance: Any = None,
+    session_id: str | None = None,
+    progress: ProgressFn | None = None,
+) -> tuple[ArenaState, RoundView]:
+    """A best-of-2 round to teach the personal scorer: ``pool`` seeds of ``checkpoint`` for one prompt, and of those
+    the most informative pair under the current fit (a random pair before :data:`MIN_VOTES` usable votes). Vote on
+    it with :func:`apps.handlers.act` (the arena's keys); the round is stored with source :data:`TEACH_SOURCE`."""
+    pool = int(pool)
+    if not 2 <= pool <= ctx.settings.max_seeds:
+        raise InputError(f"candidate pool: between 2 and {ctx.settings.max_seeds} images, got {pool}")
+    if checkpoint not in ctx.renderer.names():
+        raise InputError(
+            f"checkpoint {checkpoint!r} is not loaded; choose one of {', '.join(ctx.renderer.names())}"
+        )
+    text = check_prompt(ctx, prompt, prompt_set)
+    cfg = sampling(ctx, sampler, steps, guidance)
+    seeds = ctx.draw(lambda r: r.sample(range(2**31), pool))
+    images = ctx.renderer.render(checkpoint, [text] * pool, seeds, cfg, progress)
+    fit = current_fit(ctx, user)
+    if fit is None:
+        i, j = ctx.draw(lambda r: r.sample(range(pool), 2))
+        how: dict[str, Any] = {"selection": "random", "votes_before": len(user_choices(ctx, user).vote_ids)}
+        note = f"random pair (active selection starts after {MIN_VOTES} usable votes)"
+    else:
+        feats = member_features(ctx, images, [text] * pool)
+        i, j, p, bits = most_informative_pair(fit, feats)
+        how = {"selection": "bald", "p_first": p, "info_bits": bits, "votes_before": fit.votes, "pool": pool}
+        note = f"most informative of {pool * (pool - 1) // 2} pairs: P(first) = {p:.2f}, {bits:.2f} bits expected"
+    items = []
+    for idx in (i, j):
+        params = {**generation_params(ctx, checkpoint, text, seeds[idx], cfg, images[idx]), **how}
+        sha = ctx.store.add_image(png_bytes(images[idx]), {**params, "prompt": text})
+        items.append((sha, params))
+    order = ctx.draw(lambda r: r.sample(range(2), 2))
+    rnd = ctx.store.new_round(
+        user_id=user,
+        prompt=text,
+        items=items,
+        display_order=order,
+        source=TEACH_SOURCE,
+        session_id=session_id,
+    )
+    state = ArenaState(
+        round_id=rnd.round_id,
+        shown_at=time.monotonic(),
+        message=f"{note}. Press 1 or 2 (t tie, s skip, u undo)",
+    )
+    return state, round_view(ctx, rnd, state)
+
+
+# ------------------------------------------------------------------------------------------- blind before/after
+def _heldout_prompt(ctx: AppContext, user: str, prompt: str | None, prompt_set: str | None) -> str:
+    """A typed prompt, or one of ``prompt_set`` that the user has not voted on outside before/after rounds."""
+    if (prompt or "").strip() or not prompt_set:
+        return check_prompt(ctx, prompt, prompt_set)
+    seen = {v.round.prompt for v in ctx.store.votes(user_id=user) if v.round.source != EVAL_SOURCE}
+    pool = [p for p in ctx.prompts(prompt_set) if p not in seen]
+    if not pool:
+        raise InputError(
+            f"every prompt of {prompt_set!r} appears in your votes; choose a held-out prompt set"
+        )
+    return check_prompt(ctx, ctx.draw(lambda r: r.choice(pool)))
+
+
+def _blind_round(
+    ctx: AppContext,
+    *,
+    user: str,
+    text: str,
+    arms: Sequence[tuple[str, str, int, np.ndarray, dict[str, Any]]],  # (arm, checkpoint, seed, image, extra)
+    cfg: Any,
+    session_id: str | None,
+) -> tuple[ArenaState, RoundView]:
+    items = []
+    for arm, checkpoint, seed, image, extra in arms:
+        params = {**generation_params(ctx, checkpoint, text, seed, cfg, image), "arm": arm, **extra}
+        items.append((ctx.store.add_image(png_bytes(image), {**params, "prompt": text}), params))
+    order = ctx.draw(lambda r: r.sample(range(len(items)), len(items)))
+    rnd = ctx.store.new_round(
+        user_id=user,
+        prompt=text,
+        items=items,
+        display_order=order,
+        blind=True,
+        source=EVAL_SOURCE,
+        session_id=session_id,
+    )
+    state = ArenaState(
+        round_id=rnd.round_id,
+        shown_at=time.monotonic(),
+        message="blind: which do you prefer? press 1 or 2 (t tie, b both bad, s skip); names shown after the vote",
+    )
+    return state, round_view(ctx, rnd, state)
+
+
+def new_blind_round(
+    ctx: AppContext,
+    *,
+    user: str,
+    a: str,
+    b: str,
+    prompt: str | None,
+    prompt_set: str | None,
+    sampler: str | None = None,
+    steps: Any = None,
+    guidance: Any = None,
+    session_id: str | None = None,
+    progress: ProgressFn | None = None,
+) -> tuple[ArenaState, RoundView]:
+    """Checkpoint ``a`` against ``b`` on one prompt and one seed (identical initial noise), shuffled, names hidden
+    until the vote; the prompt is typed or drawn from ``prompt_set`` among those the user never voted on."""
+    names = ctx.renderer.names()
+    for x in (a, b):
+        if x not in names:
+            raise InputError(f"checkpoint {x!r} is not loaded; choose one of {', '.join(names)}")
+    if a == b:
+        raise InputError("choose two different checkpoints for a before/after round")
+    text = _heldout_prompt(ctx, user, prompt, prompt_set)
+    cfg = sampling(ctx, sampler, steps, guidance)
+    seed = ctx.draw(lambda r: r.randrange(2**31))
+    arms = [(n, n, seed, ctx.renderer.render(n, [text], [seed], cfg, progress)[0], {}) for n in (a, b)]
+    return _blind_round(ctx, user=user, text=text, arms=arms, cfg=cfg, session_id=session_id)
+
+
+def baseline_arm(checkpoint: str, n: int) -> str:
+    """The arm name of best-of-``n`` reranking of ``checkpoint`` by the personal scorer."""
+    return f"best-of-{n}:{checkpoint}"
+
+
+def new_baseline_round(
+    ctx: AppContext,
+    *,
+    user: str,
+    checkpoint: str,
+    n: int = 8,
+    prompt: str | None,
+    prompt_set: str | None,
+    sampler: str | None = None,
+    steps: Any = None,
+    guidance: Any = None,
+    session_id: str | None = None,
+    progress: ProgressFn | None = None,
+) -> tuple[ArenaState, RoundView]:
+    """The no-training baseline: ``n`` fresh seeds of ``checkpoint`` reranked by the user's personal scorer (its best
+    one, arm :func:`baseline_arm`) against a plain sample of ``checkpoint`` on another seed, blind, as
+    :func:`new_blind_round` shows a checkpoint pair (best-of-N against one sample, as it would be used)."""
+    n = int(n)
+    if not 2 <= n <= ctx.settings.max_seeds:
+        raise InputError(f"best-of-N: N between 2 and {ctx.settings.max_seeds}, got {n}")
+    if checkpoint not in ctx.renderer.names():
+        raise InputError(
+            f"checkpoint {checkpoint!r} is not loaded; choose one of {', '.join(ctx.renderer.names())}"
+        )
+    scorer = load_user_scorer(ctx, user)
+    text = _heldout_prompt(ctx, user, prompt, prompt_set)
+    cfg = sampling(ctx, sampler, steps, guidance)
+    seeds = ctx.draw(
+        lambda r: r.sample(range(2**31), n + 1)
+    )  # seeds[0]: the plain sample; the rest: candidates
+    images = ctx.renderer.render(checkpoint, [text] * (n + 1), seeds, cfg, progress)
+    with torch.no_grad():
+        scores = scorer.score(from_uint8(images[1:]), [text] * n).float().cpu()
+    best = 1 + int(torch.argmax(scores))
+    arms = [
+        (
+            baseline_arm(checkpoint, n),
+            checkpoint,
+            seeds[best],
+            images[best],
+            {"personal_score": float(scores[best - 1])},
+        ),
+        (checkpoint, checkpoint, seeds[0], images[0], {}),
+    ]
+    return _blind_round(ctx, user=user, text=text, arms=arms, cfg=cfg, session_id=session_id)
+
+
+@dataclass
+class BlindResult:
+    a: str
+    b: str
+    wins: int  # votes for a
+    losses: int  # votes for b
+    ties: int
+    no_preference: int  # both bad or skipped
+    rate: Interval  # wins / (wins + losses), Wilson 95%
+
+    def row(self) -> str:
+        return (
+            f"| {self.a} vs {self.b} | {self.rate.fmt()} | {self.wins} | {self.losses} | {self.ties} | "
+            f"{self.no_preference} |"
+        )
+
+
+def _arm(params: dict[str, Any]) -> str:
+    return str(params.get("arm") or params.get("checkpoint") or "")
+
+
+def blind_win_rate(ctx: AppContext, a: str, b: str, *, user: str | None = None) -> BlindResult:
+    """Win rate of arm ``a`` over arm ``b`` from the active votes on blind two-image rounds that showed exactly these
+    two (before/after rounds and the arena's blind checkpoint rounds), of one user or all; ties excluded from the
+    rate and counted, both-bad and skips counted. Each vote is one trial of the Wilson interval."""
+    wins = losses = ties = other = 0
+    for vote in ctx.store.votes(user_id=user):
+        rnd = vote.round
+        if not rnd.blind or rnd.k != 2:
+            continue
+        arms = [_arm(i.params) for i in rnd.items]
+        if sorted(arms) != sorted([a, b]):
+            continue
+        if vote.outcome == "best":
+            if arms[vote.ranking[0]] == a:
+                wins += 1
+            else:
+                losses += 1
+        elif vote.outcome == "tie":
+            ties += 1
+        else:
+            other += 1
+    return BlindResult(a, b, wins, losses, ties, other, wilson_interval(wins, wins + losses))
+
+
+def before_after_report(
+    ctx: AppContext, *, a: str, b: str, baseline_n: int = 8, user: str | None = None
+) -> tuple[str, list[BlindResult]]:
+    """Markdown: ``a`` over ``b`` and, as the baseline to beat, best-of-N reranking of ``b`` by the personal scorer
+    over plain ``b`` samples."""
+    results = [
+        blind_win_rate(ctx, a, b, user=user),
+        blind_win_rate(ctx, baseline_arm(b, baseline_n), b, user=user),
+    ]
+    head = [
+        f"Blind votes{' of ' + user if user else ' of all users'} (names hidden until the vote; 95% Wilson interval, "
+        "ties left out of the rate):",
+        "",
+        "| comparison | win rate of the first | wins | losses | ties | both bad / skipped |",
+        "|---|---|---|---|---|---|",
+    ]
+    return "\n".join([*head, *(r.row() for r in results)]), results
