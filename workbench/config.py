@@ -162,6 +162,11 @@ class AdamW(_Strict):
     weight_decay: float = Field(default=1e-2, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    implementation: Literal["auto", "foreach", "fused", "for-loop"] = Field(
+        default="auto",
+        description="torch.optim.AdamW's kernel: auto = torch's default (foreach on CUDA, a per-tensor loop on "
+        "CPU); foreach / fused force one (fused: CUDA or CPU, torch >= 2.4). Ignored by adamw_8bit.",
+    )
 
 
 class AdamW8bit(AdamW):
@@ -233,6 +238,16 @@ class TrainSection(_Strict):
         )  # YAML 1.1 reads a bare `no` (also `train.mixed_precision=no`) as false
 
     gradient_checkpointing: bool = False
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the UNet (nn.Module.compile, default inductor backend). The first steps pay the "
+        "compilation (seconds on a GPU, minutes on a small CPU); a graph that fails to compile runs eager with a "
+        "warning. Measured in benchmarks/dpo_step.py.",
+    )
+    channels_last: bool = Field(
+        default=False,
+        description="UNet weights and inputs in channels-last memory format (NHWC convolutions).",
+    )
     max_grad_norm: float | None = Field(default=1.0, gt=0, description="None disables clipping.")
     attention: Literal["sdpa", "xformers"] = Field(
         default="sdpa", description="xformers when installed and configured."

@@ -21,7 +21,15 @@ from workbench.config import RunConfig
 def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
     opt = cfg.optimizer
     if opt.name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=opt.betas, weight_decay=opt.weight_decay, eps=opt.eps)
+        kernel: dict[str, Any] = {
+            "auto": {},
+            "foreach": {"foreach": True},
+            "fused": {"fused": True},
+            "for-loop": {"foreach": False},
+        }[opt.implementation]
+        return torch.optim.AdamW(
+            params, lr=lr, betas=opt.betas, weight_decay=opt.weight_decay, eps=opt.eps, **kernel
+        )
     if opt.name == "adamw_8bit":
         try:
             import bitsandbytes as bnb  # pyright: ignore[reportMissingImports]  # optional: pip install '.[gpu]'

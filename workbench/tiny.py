@@ -38,7 +38,7 @@ class TinySpec:
     unet_channels: tuple[int, ...] = (32, 64)
     layers_per_block: int = 1
     attention_head_dim: tuple[int, ...] = (2, 4)
-    transformer_layers: int = 1
+    transformer_layers: int | tuple[int, ...] = 1  # per block, like SDXL's (1, 2, 10)
     norm_num_groups: int = 32
     vae_channels: tuple[int, ...] = (32, 64)
     vae_norm_groups: int = 16

@@ -174,7 +174,14 @@ class Trainer:
         from diffusers import DDPMScheduler
 
         self.noise_scheduler = DDPMScheduler.from_config(comps.pipe.scheduler.config)
+        if cfg.train.channels_last:
+            comps.unet.to(memory_format=torch.channels_last)
         self.reference = self._build_reference()  # before prepare: a frozen copy is taken of the plain module
+        if cfg.train.compile:  # after the reference: a deep copy of a compiled module would call the original
+            _compile(comps.unet)
+            module = getattr(self.reference, "module", None)
+            if isinstance(module, torch.nn.Module):
+                _compile(module)
         self.trainable = [p for p in comps.unet.parameters() if p.requires_grad]
         self.base_lr = base_lr(cfg, acc.num_processes)
         optimizer = build_optimizer(cfg, self.trainable, self.base_lr)
@@ -387,6 +394,8 @@ class Trainer:
         if noised.x0 is not None:  # the method's own clean latent (Self-NPO: the teacher's x0 estimate)
             x0 = noised.x0
         x_t, t = flatten_groups(noised.x_t), flatten_groups(noised.t)
+        if self.cfg.train.channels_last:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
         target = training_target(
             self.noise_scheduler,
             flatten_groups(x0),
@@ -629,6 +638,17 @@ class Trainer:
             self._log(record)
         path = self.validator.out_dir / f"step_{step:06d}.png"
         return path if path.is_file() else None
+
+
+def _compile(module: torch.nn.Module) -> None:
+    """``train.compile``: ``nn.Module.compile`` (in place, so unwrapping, saving and peft's adapter switches see the
+    same module). A graph that fails to compile falls back to eager (dynamo's ``suppress_errors``), with a warning."""
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    # LoRA-disabled reference forwards, the inversion denoiser and validation each add a guard set (recompile).
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+    module.compile()
 
 
 def _cat_conditioning(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
