@@ -42,6 +42,7 @@ from apps.handlers import (
     slider_pair,
     stats_text,
 )
+from apps.personal import build_personal_tab
 from apps.tabs_leaderboard import leaderboard_tab
 
 MAX_K = 4
@@ -72,7 +73,7 @@ SHORTCUTS_JS = """
     if (e.ctrlKey || e.metaKey || e.altKey || e.repeat || typing(e.target)) return;
     const name = KEYS[e.key.toLowerCase()];
     if (!name) return;
-    for (const tab of ["arena", "curate"]) {
+    for (const tab of ["arena", "curate", "personal"]) {
       const btn = document.getElementById(`${tab}-${name}`);
       if (btn && btn.offsetParent !== null && !btn.disabled) {
         e.preventDefault();
@@ -239,6 +240,8 @@ def build_app(ctx: AppContext) -> gr.Blocks:
                     headers=["file", "win rate", "compared", "prompt"], label="standings", interactive=False
                 )
                 u_state = gr.State(CurateState())
+
+            build_personal_tab(ctx, user)  # apps/personal.py: personal scorer, active pairs, before/after
 
             # ------------------------------------------------------------------------------------------ Votes
             with gr.Tab("Votes", id="votes"):

@@ -22,15 +22,13 @@ Plain typed functions over :class:`apps.handlers.AppContext` (no Gradio above :f
   the vote; the win rate of A over B with a 95% Wilson interval (ties, both-bad and skips counted, left out).
 """
 
-from __future__ import annotations
-
 import itertools
 import math
 import re
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -715,3 +713,167 @@ def before_after_report(
         "|---|---|---|---|---|---|",
     ]
     return "\n".join([*head, *(r.row() for r in results)]), results
+
+
+# ---------------------------------------------------------------------------------------------------------- UI
+def build_personal_tab(ctx: AppContext, user: Any, extras: Sequence[Callable[[], Any]] = ()) -> Any:
+    """The Personalise tab (call inside ``gr.Tabs()``; ``user`` is the app's user textbox): a vote panel whose
+    rounds teach the scorer or measure it blind, Fit, fresh samples ranked, before/after results. ``extras`` are
+    called inside the tab after these (e.g. the personal fine-tune's panel). Returns the tab."""
+    import gradio as gr
+
+    from apps.app import BUTTONS, _button_updates, _guard, _image_updates, _session, _user, _vote_panel
+    from apps.handlers import act
+
+    s = ctx.settings
+    names = ctx.renderer.names()
+    with gr.Tab("Personalise", id="personal") as tab:
+        gr.Markdown(
+            f"Vote on a few pairs; from {MIN_VOTES} votes on, **Fit** learns your taste as weights over the "
+            "population scorers (anchored to their equal-weight ensemble) and each next pair is the one your answer "
+            "is expected to teach the most. **Blind** rounds on prompts you have not voted on measure a checkpoint "
+            "(e.g. your personal LoRA) against another, and best-of-N reranking by your scorer as the no-training "
+            "baseline."
+        )
+        with gr.Row():
+            kind = gr.Radio(
+                [
+                    ("teach my scorer", "teach"),
+                    ("blind: A vs B", "blind"),
+                    ("blind: best-of-N by my scorer vs B", "baseline"),
+                ],
+                value="teach",
+                label="next round",
+                elem_id="personal-kind",
+            )
+            ckpt_b = gr.Dropdown(names, value=names[0], label="B (and the model to teach on)", scale=1)
+            ckpt_a = gr.Dropdown(names, value=names[-1], label="A (blind rounds)", scale=1)
+            refresh = gr.Button("↻ checkpoints", size="sm", scale=0)
+        with gr.Row():
+            prompt = gr.Textbox(
+                label="prompt (empty: draw; blind rounds draw prompts you have not voted on)",
+                max_lines=2,
+                scale=3,
+                elem_id="personal-prompt",
+            )
+            pset = gr.Dropdown(s.prompt_sets, value=s.prompt_sets[0], label="prompt set", scale=1)
+            pool = gr.Number(value=6, precision=0, label="candidates per pair (teach)", minimum=2)
+            best_n = gr.Number(value=8, precision=0, label="N (best-of-N)", minimum=2)
+        images, buttons, nxt, status, reveal, shown = _vote_panel("personal")
+        state = gr.State(ArenaState())
+        with gr.Row():
+            fit_btn = gr.Button("Fit my scorer", variant="primary", elem_id="personal-fit")
+            results_btn = gr.Button("Before/after results (A vs B)", elem_id="personal-results")
+        fit_md = gr.Markdown(elem_id="personal-fit-summary")
+        results_md = gr.Markdown(elem_id="personal-results-summary")
+        with gr.Row():
+            fresh_seeds = gr.Textbox(value="0-7", label="fresh samples: seeds of B", max_lines=1, scale=1)
+            fresh_btn = gr.Button("Rank fresh samples with my scorer", elem_id="personal-fresh", scale=1)
+        fresh_used = gr.Markdown()
+        gallery = gr.Gallery(label="fresh samples, best first", columns=4, height="auto", format="png")
+        for extra in extras:
+            extra()
+
+    outputs = [state, *images, *buttons[2:4], status, reveal, shown]
+
+    def out(st: ArenaState, view: RoundView | None) -> list[Any]:
+        return [
+            st,
+            *_image_updates(view),
+            *_button_updates(view),
+            st.message,
+            view.reveal if view else "",
+            f"**prompt:** {view.prompt}" if view else gr.update(),
+        ]
+
+    def progress_fn(progress: Any) -> ProgressFn:
+        return lambda fraction, desc: progress(fraction, desc=desc)
+
+    @_guard
+    def on_next(
+        name,
+        kind_,
+        a,
+        b,
+        text,
+        prompt_set,
+        pool_,
+        n_,
+        request: gr.Request,
+        progress=gr.Progress(),  # noqa: B008
+    ):
+        who, session = _user(name, request), _session(request)
+        common: dict[str, Any] = dict(
+            prompt=text, prompt_set=prompt_set, session_id=session, progress=progress_fn(progress)
+        )
+        if kind_ == "teach":
+            st, view = next_teaching_pair(ctx, user=who, checkpoint=b, pool=int(pool_ or 6), **common)
+        elif kind_ == "blind":
+            st, view = new_blind_round(ctx, user=who, a=a, b=b, **common)
+        elif kind_ == "baseline":
+            st, view = new_baseline_round(ctx, user=who, checkpoint=b, n=int(n_ or 8), **common)
+        else:
+            raise InputError(f"round kind must be teach, blind or baseline, got {kind_!r}")
+        return out(st, view)
+
+    nxt.click(
+        on_next,
+        [user, kind, ckpt_a, ckpt_b, prompt, pset, pool, best_n],
+        outputs,
+        api_name="personal_next",
+        concurrency_id="generate",
+        concurrency_limit=1,
+    )
+
+    def key_handler(key: str) -> Callable[..., Any]:
+        @_guard
+        def handler(name, st: ArenaState, request: gr.Request):
+            return out(*act(ctx, st, user=_user(name, request), key=key, session_id=_session(request)))
+
+        return handler
+
+    for (suffix, key, _), btn in zip(BUTTONS, buttons):
+        btn.click(key_handler(key), [user, state], outputs, api_name=f"personal_{suffix}")
+
+    @_guard
+    def on_fit(name, request: gr.Request):
+        return fit_user_scorer(ctx, _user(name, request)).summary()
+
+    fit_btn.click(on_fit, [user], fit_md, api_name="personal_fit")
+
+    @_guard
+    def on_results(name, a, b, n_, request: gr.Request):
+        return before_after_report(ctx, a=a, b=b, baseline_n=int(n_ or 8), user=_user(name, request))[0]
+
+    results_btn.click(on_results, [user, ckpt_a, ckpt_b, best_n], results_md, api_name="personal_results")
+
+    @_guard
+    def on_fresh(name, b, text, prompt_set, seeds, request: gr.Request, progress=gr.Progress()):  # noqa: B008
+        used, rows = rank_fresh(
+            ctx,
+            _user(name, request),
+            checkpoint=b,
+            prompt=text,
+            prompt_set=prompt_set,
+            seeds=seeds,
+            progress=progress_fn(progress),
+        )
+        from apps.handlers import for_display
+
+        return f"**prompt:** {used}", [(for_display(r.image), r.caption(i + 1)) for i, r in enumerate(rows)]
+
+    fresh_btn.click(
+        on_fresh,
+        [user, ckpt_b, prompt, pset, fresh_seeds],
+        [fresh_used, gallery],
+        api_name="personal_fresh",
+        concurrency_id="generate",
+        concurrency_limit=1,
+    )
+
+    def on_refresh(a, b):
+        choices = ctx.renderer.names()
+        return gr.update(choices=choices, value=a), gr.update(choices=choices, value=b)
+
+    refresh.click(on_refresh, [ckpt_a, ckpt_b], [ckpt_a, ckpt_b], api_name="personal_refresh")
+    return tab
