@@ -1,10 +1,16 @@
-"""``workbench votes export|stats``: the app's vote store on the command line.
+"""``workbench votes export|stats|leaderboard|users``: the app's vote store on the command line.
 
 ``export`` writes the active votes (undone ones left out) as ``pickapic.parquet``, ``pairs.jsonl`` and
 ``rankings.jsonl`` (K-wise votes expanded as :mod:`apps.store` documents), ready for ``workbench train``::
 
     workbench votes export --db runs/app/votes.sqlite -o runs/app/export
     workbench train configs/toy/dpo.yaml 'data.sources=[{format: pickapic_parquet, path: runs/app/export/pickapic.parquet}]'
+
+``leaderboard`` rates the checkpoints from the votes across checkpoints (:mod:`apps.leaderboard`); ``users`` lists
+the voters with their counts and what their ``<store dir>/users/<user>/`` folder holds::
+
+    workbench votes leaderboard --db runs/app/votes.sqlite [--user alice] [--sort openskill] [--ties drop]
+    workbench votes users --db runs/app/votes.sqlite
 """
 
 from __future__ import annotations
@@ -34,6 +40,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     st.add_argument("--user", default=None, help="only this user's votes")
     st.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    lb = sub.add_parser(
+        "leaderboard", help="checkpoint ratings: Plackett-Luce / Bradley-Terry with 95%% intervals, OpenSkill"
+    )
+    lb.add_argument(
+        "--db", default="runs/app/votes.sqlite", help="vote store (default runs/app/votes.sqlite)"
+    )
+    lb.add_argument("--user", default=None, help="only this user's votes (default: everyone)")
+    lb.add_argument(
+        "--sort", choices=("rating", "openskill"), default="rating", help="order (default rating)"
+    )
+    lb.add_argument(
+        "--ties",
+        choices=("half", "drop"),
+        default="half",
+        help="ties: half a win each way (default) or left out",
+    )
+    lb.add_argument(
+        "--boot", type=int, default=200, help="bootstrap resamples for the intervals (default 200)"
+    )
+    lb.add_argument(
+        "--resample", choices=("vote", "prompt"), default="vote", help="bootstrap unit (default vote)"
+    )
+    lb.add_argument("--alpha", type=float, default=0.01, help="choix regularisation (default 0.01)")
+    lb.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    lb.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    us = sub.add_parser("users", help="users: votes per kind, last activity, their folders (admin view)")
+    us.add_argument(
+        "--db", default="runs/app/votes.sqlite", help="vote store (default runs/app/votes.sqlite)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -49,6 +84,30 @@ def main(args: argparse.Namespace) -> int:
     if args.action == "export":
         result = export_votes(store, args.out, formats=args.formats or EXPORT_FORMATS, user_id=args.user)
         print(result.summary())
+        return 0
+    if args.action == "leaderboard":
+        from apps.leaderboard import COLUMNS, store_leaderboard
+
+        board = store_leaderboard(
+            store,
+            user=args.user,
+            sort=args.sort,
+            ties=args.ties,
+            n_boot=args.boot,
+            resample=args.resample,
+            alpha=args.alpha,
+            seed=args.seed,
+        )
+        if args.json:
+            rows = [dict(zip(COLUMNS, r)) for r in board.rows()]
+            print(json.dumps({"summary": board.summary(), "standings": rows}, indent=2))
+        else:
+            print(board.format())
+        return 0
+    if args.action == "users":
+        from apps.leaderboard import format_users, user_overview
+
+        print(format_users(user_overview(store)))
         return 0
     stats = vote_stats(store, user_id=args.user)
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
