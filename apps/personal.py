@@ -273,6 +273,7 @@ def fit_user_scorer(
     ``embed_dims`` principal components join the features at prior weight 0. Refuses (``InputError``) below
     ``min_votes`` usable votes."""
     path = scorer_path(ctx, user)
+    members, specs = _members(ctx)
     data = user_choices(ctx, user)
     if data.n_votes < max(min_votes, 2):
         excluded = ", ".join(f"{k} {v}" for k, v in sorted(data.excluded.items()))
@@ -282,7 +283,6 @@ def fit_user_scorer(
             + (f"; not used: {excluded}" if excluded else "")
             + "). Vote on a few more pairs first."
         )
-    members, specs = _members(ctx)
     images = [load_image(p) for _, _, p in data.items]
     prompts = [prompt for _, prompt, _ in data.items]
     features = member_features(ctx, images, prompts, keys=[sha for sha, _, _ in data.items])
