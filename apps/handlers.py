@@ -70,6 +70,7 @@ class AppSettings:
     max_seeds: int = 16
     max_steps: int = 200
     max_curate_images: int = 2000
+    personal_embedder: str | None = None  # scorer spec with encode_images; its top PCs join personal features
     seed: int | None = None  # the app's own draws (prompts, seeds, shuffles); None = fresh each launch
 
 

@@ -269,10 +269,12 @@ def fit_user_scorer(
     save: bool = True,
 ) -> UserScorerFit:
     """Fit ``user``'s personal scorer from their active votes (module docstring) and save it to
-    :func:`scorer_path`. ``embedder``: a scorer spec with ``encode_images`` (a CLIP-family scorer) whose top
-    ``embed_dims`` principal components join the features at prior weight 0. Refuses (``InputError``) below
+    :func:`scorer_path`. ``embedder`` (default ``AppSettings.personal_embedder``): a scorer spec with
+    ``encode_images`` (a CLIP-family scorer) whose top ``embed_dims`` principal components of the voted images join
+    the features at prior weight 0 (``""``: none). Refuses (``InputError``) below
     ``min_votes`` usable votes."""
     path = scorer_path(ctx, user)
+    embedder = embedder if embedder is not None else ctx.settings.personal_embedder
     members, specs = _members(ctx)
     data = user_choices(ctx, user)
     if data.n_votes < max(min_votes, 2):

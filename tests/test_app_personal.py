@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections.abc import Sequence
@@ -376,3 +377,29 @@ def test_the_tab_teaches_fits_ranks_and_reports_through_gradio(tmp_path: Path):
             client.predict("bob", api_name="/personal_fit")
     finally:
         demo.close()
+
+
+class _PixelEmbedder(torch.nn.Module):
+    """A stand-in image embedder (CLIP-family scorers have ``encode_images``): mean colour and its spread, 6-d."""
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([images.mean((2, 3)), images.std((2, 3))], dim=1)
+
+
+def test_embedding_components_join_the_features_at_prior_weight_zero(tmp_path: Path):
+    ctx = _ctx(tmp_path, WorldRenderer(), scorers=["toy/fidelity", "toy/centering"])
+    ctx._scorers["pixels"] = (
+        _PixelEmbedder()
+    )  # what ctx.scorer("pixels") returns (built scorers are cached there)
+    _fit_some_user(ctx, votes=6)
+    fit = fit_user_scorer(ctx, "sim", embedder="pixels", embed_dims=3)
+    assert fit.scorer.feature_names == [
+        "toy/fidelity",
+        "toy/centering",
+        "embedding/pc0",
+        "embedding/pc1",
+        "embedding/pc2",
+    ]
+    assert fit.prior == pytest.approx([0.5, 0.5, 0.0, 0.0, 0.0])
+    saved = json.loads(fit.path.read_text())
+    assert saved["embedder"] == {"name": "pixels"} and len(saved["basis"]) == 3
