@@ -758,7 +758,12 @@ def build_personal_tab(ctx: AppContext, user: Any, extras: Sequence[Callable[[],
                 scale=3,
                 elem_id="personal-prompt",
             )
-            pset = gr.Dropdown(s.prompt_sets, value=s.prompt_sets[0], label="prompt set", scale=1)
+            teach_default = next((p for p in s.prompt_sets if "heldout" not in p), s.prompt_sets[0])
+            eval_default = next((p for p in s.prompt_sets if "heldout" in p), s.prompt_sets[0])
+            pset = gr.Dropdown(s.prompt_sets, value=teach_default, label="prompt set (teach)", scale=1)
+            eval_set = gr.Dropdown(
+                s.prompt_sets, value=eval_default, label="held-out prompt set (blind rounds)", scale=1
+            )
             pool = gr.Number(value=6, precision=0, label="candidates per pair (teach)", minimum=2)
             best_n = gr.Number(value=8, precision=0, label="N (best-of-N)", minimum=2)
         images, buttons, nxt, status, reveal, shown = _vote_panel("personal")
@@ -798,13 +803,15 @@ def build_personal_tab(ctx: AppContext, user: Any, extras: Sequence[Callable[[],
         a,
         b,
         text,
-        prompt_set,
+        teach_set,
+        heldout_set,
         pool_,
         n_,
         request: gr.Request,
         progress=gr.Progress(),  # noqa: B008
     ):
         who, session = _user(name, request), _session(request)
+        prompt_set = teach_set if kind_ == "teach" else heldout_set
         common: dict[str, Any] = dict(
             prompt=text, prompt_set=prompt_set, session_id=session, progress=progress_fn(progress)
         )
@@ -820,7 +827,7 @@ def build_personal_tab(ctx: AppContext, user: Any, extras: Sequence[Callable[[],
 
     nxt.click(
         on_next,
-        [user, kind, ckpt_a, ckpt_b, prompt, pset, pool, best_n],
+        [user, kind, ckpt_a, ckpt_b, prompt, pset, eval_set, pool, best_n],
         outputs,
         api_name="personal_next",
         concurrency_id="generate",
@@ -866,7 +873,7 @@ def build_personal_tab(ctx: AppContext, user: Any, extras: Sequence[Callable[[],
 
     fresh_btn.click(
         on_fresh,
-        [user, ckpt_b, prompt, pset, fresh_seeds],
+        [user, ckpt_b, prompt, eval_set, fresh_seeds],
         [fresh_used, gallery],
         api_name="personal_fresh",
         concurrency_id="generate",

@@ -344,7 +344,7 @@ def test_the_tab_teaches_fits_ranks_and_reports_through_gradio(tmp_path: Path):
 
         def nxt(kind: str) -> tuple[Any, ...]:
             return client.predict(
-                "ann", kind, "lora", "base", "", "toy:train", 6, 4, api_name="/personal_next"
+                "ann", kind, "lora", "base", "", "toy:train", "toy:heldout", 6, 4, api_name="/personal_next"
             )
 
         for i in range(5):
@@ -366,7 +366,7 @@ def test_the_tab_teaches_fits_ranks_and_reports_through_gradio(tmp_path: Path):
             "large red circle" in used and len(gallery) == 4 and gallery[0]["caption"].startswith("#1 · seed")
         )
         out = nxt("blind")
-        assert "hidden" in str(out[1]) or "blind" in out[-3]
+        assert all("hidden" in image["label"] for image in out[:2]) and "blind" in out[-3]
         reveal = client.predict("ann", api_name="/personal_1")[-2]
         assert "lora" in reveal and "base" in reveal
         nxt("baseline")
