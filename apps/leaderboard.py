@@ -278,7 +278,7 @@ def openskill_ratings(matches: Sequence[Sequence[tuple[str, int]]]) -> dict[str,
     model = PlackettLuce()
     ratings: dict[str, Any] = {}
     for match in matches:
-        teams = [[ratings.get(name) or model.rating(name=name)] for name, _ in match]
+        teams = [[ratings[name] if name in ratings else model.rating(name=name)] for name, _ in match]
         new = model.rate(teams, ranks=[float(rank) for _, rank in match])
         for (name, _), (rating,) in zip(match, new):
             ratings[name] = rating

@@ -2,17 +2,17 @@
 one, and the users overview (votes per kind, last activity, what each user's folder holds).
 
 :func:`leaderboard_tab` builds the tab and wires its own events; ``apps/app.py`` only calls it inside its
-``gr.Tabs()``. The ratings are recomputed from the store on Refresh and whenever the tab is opened (a few hundred
-votes take well under a second plus the bootstrap).
+``gr.Tabs()``. The ratings are read from the store on Refresh and whenever the tab is opened.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import gradio as gr
 
-from apps.leaderboard import COLUMNS, USER_COLUMNS, store_leaderboard, user_overview, user_rows
+from apps.leaderboard import COLUMNS, USER_COLUMNS, Leaderboard, store_leaderboard, user_overview, user_rows
 from apps.store import VoteStore
 
 ALL_USERS = "all users"
@@ -20,11 +20,26 @@ ALL_USERS = "all users"
 N_BOOT = 200
 
 
+_cache: dict[tuple[Any, ...], Leaderboard] = {}
+_cache_lock = threading.Lock()
+
+
 def refresh(store: VoteStore, who: str | None, sort: str, ties: str) -> tuple[Any, str, list[list[Any]], Any]:
-    """(user choices, summary, standings rows, users rows) for the chosen view."""
+    """(user choices, summary, standings rows, users rows) for the chosen view. A view is refitted only when the
+    store's vote or undo count changed since it was last shown (the bootstrap takes seconds on a few thousand
+    votes)."""
     users = user_overview(store)
     user = None if not who or who == ALL_USERS else who
-    board = store_leaderboard(store, user=user, sort=sort, ties=ties, n_boot=N_BOOT)
+    counts = store.counts()
+    key = (str(store.path), user, sort, ties, counts["votes"], counts["undos"])
+    with _cache_lock:
+        board = _cache.get(key)
+    if board is None:
+        board = store_leaderboard(store, user=user, sort=sort, ties=ties, n_boot=N_BOOT)
+        with _cache_lock:
+            if len(_cache) > 64:
+                _cache.clear()
+            _cache[key] = board
     choices = [ALL_USERS, *(u.user for u in users if u.pairwise + u.kwise + u.curate + u.undone)]
     summary = board.summary() if board.standings else board.summary() + ". No votes on checkpoints yet."
     return gr.update(choices=choices, value=who or ALL_USERS), summary, board.rows(), user_rows(users)

@@ -287,3 +287,16 @@ def test_cli_leaderboard_and_users(ctx: AppContext, capsys: pytest.CaptureFixtur
     assert out.splitlines()[2].split()[1] == "base"  # header, then the best checkpoint
     assert main(["votes", "users", "--db", ctx.settings.db]) == 0
     assert "alice" in capsys.readouterr().out
+
+
+def test_the_tab_refits_only_when_votes_change(ctx: AppContext):
+    pytest.importorskip("gradio")
+    from apps.tabs_leaderboard import refresh
+
+    _votes_by_two_users(ctx)
+    _, first, rows, _ = refresh(ctx.store, "alice", "rating", "half")
+    _, again, same, _ = refresh(ctx.store, "alice", "rating", "half")
+    assert "8 active votes" in first and again == first and same == rows
+    _vote_for(ctx, "alice", "tuned")
+    _, after, _, _ = refresh(ctx.store, "alice", "rating", "half")
+    assert "9 active votes" in after
