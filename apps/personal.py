@@ -475,6 +475,7 @@ def next_teaching_pair(
     prompt: str | None,
     prompt_set: str | None,
     pool: int = 6,
+    selection: str = "bald",
     sampler: str | None = None,
     steps: Any = None,
     guidance: Any = None,
@@ -482,11 +483,14 @@ def next_teaching_pair(
     progress: ProgressFn | None = None,
 ) -> tuple[ArenaState, RoundView]:
     """A best-of-2 round to teach the personal scorer: ``pool`` seeds of ``checkpoint`` for one prompt, and of those
-    the most informative pair under the current fit (a random pair before :data:`MIN_VOTES` usable votes). Vote on
+    the most informative pair under the current fit (a random pair before :data:`MIN_VOTES` usable votes, or always
+    with ``selection="random"``, the comparison arm of ``benchmarks/personal_selection.py``). Vote on
     it with :func:`apps.handlers.act` (the arena's keys); the round is stored with source :data:`TEACH_SOURCE`."""
     pool = int(pool)
     if not 2 <= pool <= ctx.settings.max_seeds:
         raise InputError(f"candidate pool: between 2 and {ctx.settings.max_seeds} images, got {pool}")
+    if selection not in ("bald", "random"):
+        raise InputError(f"selection must be 'bald' or 'random', got {selection!r}")
     if checkpoint not in ctx.renderer.names():
         raise InputError(
             f"checkpoint {checkpoint!r} is not loaded; choose one of {', '.join(ctx.renderer.names())}"
@@ -495,11 +499,15 @@ def next_teaching_pair(
     cfg = sampling(ctx, sampler, steps, guidance)
     seeds = ctx.draw(lambda r: r.sample(range(2**31), pool))
     images = ctx.renderer.render(checkpoint, [text] * pool, seeds, cfg, progress)
-    fit = current_fit(ctx, user)
+    fit = current_fit(ctx, user) if selection == "bald" else None
     if fit is None:
         i, j = ctx.draw(lambda r: r.sample(range(pool), 2))
         how: dict[str, Any] = {"selection": "random", "votes_before": len(user_choices(ctx, user).vote_ids)}
-        note = f"random pair (active selection starts after {MIN_VOTES} usable votes)"
+        note = (
+            "random pair"
+            if selection == "random"
+            else f"random pair (active selection starts after {MIN_VOTES} usable votes)"
+        )
     else:
         feats = member_features(ctx, images, [text] * pool)
         i, j, p, bits = most_informative_pair(fit, feats)
