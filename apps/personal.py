@@ -726,10 +726,11 @@ def before_after_report(
 
 
 # ---------------------------------------------------------------------------------------------------------- UI
-def build_personal_tab(ctx: AppContext, user: Any, extras: Sequence[Callable[[], Any]] = ()) -> Any:
+def build_personal_tab(ctx: AppContext, user: Any, extras: Sequence[Callable[[list[Any]], Any]] = ()) -> Any:
     """The Personalise tab (call inside ``gr.Tabs()``; ``user`` is the app's user textbox): a vote panel whose
-    rounds teach the scorer or measure it blind, Fit, fresh samples ranked, before/after results. ``extras`` are
-    called inside the tab after these (e.g. the personal fine-tune's panel). Returns the tab."""
+    rounds teach the scorer or measure it blind, Fit, fresh samples ranked, before/after results. Each of ``extras``
+    is called inside the tab after these with the tab's checkpoint dropdowns ``[A, B]`` (e.g. the personal
+    fine-tune's panel, which offers its finished LoRA in them). Returns the tab."""
     import gradio as gr
 
     from apps.app import BUTTONS, _button_updates, _guard, _image_updates, _session, _user, _vote_panel
@@ -787,7 +788,7 @@ def build_personal_tab(ctx: AppContext, user: Any, extras: Sequence[Callable[[],
         fresh_used = gr.Markdown()
         gallery = gr.Gallery(label="fresh samples, best first", columns=4, height="auto", format="png")
         for extra in extras:
-            extra()
+            extra([ckpt_a, ckpt_b])
 
     outputs = [state, *images, *buttons[2:4], status, reveal, shown]
 
