@@ -42,6 +42,7 @@ from apps.handlers import (
     slider_pair,
     stats_text,
 )
+from apps.jobs import job_panel
 from apps.personal import build_personal_tab
 from apps.tabs_leaderboard import leaderboard_tab
 
@@ -241,7 +242,8 @@ def build_app(ctx: AppContext) -> gr.Blocks:
                 )
                 u_state = gr.State(CurateState())
 
-            build_personal_tab(ctx, user)  # apps/personal.py: personal scorer, active pairs, before/after
+            # apps/personal.py: personal scorer, active pairs, before/after; apps/jobs.py: the personal fine-tune
+            build_personal_tab(ctx, user, extras=[lambda ab: job_panel(ctx, user, [c_ckpts, a_ckpts, *ab])])
 
             # ------------------------------------------------------------------------------------------ Votes
             with gr.Tab("Votes", id="votes"):
