@@ -12,8 +12,8 @@ Plain typed functions over :class:`apps.handlers.AppContext` (no Gradio above :f
   both-bad and skips carry no preference and are counted, not used. It is saved to
   ``<store dir>/users/<user>/scorer.json`` (:func:`scorer_path`; the personal fine-tune job reads that file).
 * Agreement is leave-one-*vote*-out (the pairs of one vote are held out together), beside the population
-  ensemble's agreement on the same pairs, each with a 95% Wilson interval in which a vote counts once (the pairs of a
-  K-wise vote weigh 1 / (K - 1) each, as the export does).
+  ensemble's agreement on the same pairs, each with a 95% Wilson interval over weighted pairs: each pair of a K-image
+  vote weighs 1 / (K - 1), as the export does, so a pairwise or best-of-K vote is one trial and a full ranking K / 2.
 * :func:`next_teaching_pair`: renders a pool of seeds and shows the pair whose answer is expected to teach the
   current fit the most (BALD under the Laplace posterior, :func:`rewards.personal.pair_information`); before
   :data:`MIN_VOTES` usable votes, a random pair of the pool.
@@ -339,7 +339,7 @@ def fit_user_scorer(
 
 def _agreement(margins: torch.Tensor, weights: Sequence[float]) -> Interval:
     """Weighted share of pairs whose margin favours the user's choice (a zero margin counts 1/2), with a Wilson
-    interval over the weighted count (one vote = one trial)."""
+    interval over the weighted count (a pairwise or best-of-K vote = one trial)."""
     w = torch.tensor(list(weights), dtype=torch.float64)
     hit = (margins.double() > 0).double() + 0.5 * (margins.double() == 0).double()
     return wilson_interval(float((w * hit).sum()), float(w.sum()))

@@ -152,6 +152,8 @@ def test_fit_refuses_below_four_usable_votes_and_bad_user_names(tmp_path: Path):
     assert not scorer_path(ctx, "u").exists()
     with pytest.raises(InputError, match="cannot name a folder"):
         scorer_path(ctx, "../evil")
+    with pytest.raises(InputError, match="selection must be"):
+        next_teaching_pair(ctx, user="u", checkpoint="base", prompt="x", prompt_set=None, selection="greedy")
     with pytest.raises(InputError, match="and none are configured"):
         fit_user_scorer(_ctx(tmp_path / "x", WorldRenderer(), scorers=[]), "u", min_votes=1)
 
