@@ -132,13 +132,13 @@ class JobView:
     def summary(self) -> str:
         """One Markdown paragraph: phase, progress, loss, accuracy, time left, or the failure."""
         head = f"**job {self.job_id}** · {self.phase}"
-        if self.phase == "train" and self.max_steps:
+        if self.phase == "train" or self.step:
             head += f" · step {self.step}/{self.max_steps}"
             if self.loss is not None:
                 head += f" · loss {self.loss:.4f}"
             if self.implicit_acc is not None:
                 head += f" · implicit accuracy {self.implicit_acc:.2f}"
-            if self.seconds_left is not None:
+            if self.seconds_left is not None and self.phase == "train":
                 head += f" · about {_duration(self.seconds_left)} left"
         if self.elapsed is not None:
             head += f" · {_duration(self.elapsed)} elapsed"
