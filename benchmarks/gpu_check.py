@@ -519,6 +519,100 @@ class Bench:
 
         self.with_fallback("(a) dpo-lora", run)
 
+    def part_e(self) -> None:
+        """(e) Speed options (issue 13, item 2) on the Diffusion-DPO LoRA step: the per-phase profile of our eager
+        step and of the baseline (device-synchronised at phase boundaries: ``benchmarks/dpo_step.py``'s ``Phases``),
+        a torch.profiler summary (host vs device time) of one eager step, then each option alone in a fresh trainer:
+        ``train.channels_last``, then ``train.compile`` (its warm-up steps include the compilation)."""
+        from dpo_step import Phases, _baseline_step, instrument_ours
+
+        from workbench.data import read_records
+
+        src = self.data.source(_needs("diffusion_dpo"))
+        variants: list[tuple[str, list[str]]] = [
+            ("ours", []),
+            ("ours+channels_last", ["train.channels_last=true"]),
+            ("ours+compile", ["train.compile=true"]),  # last: the compilation takes minutes
+        ]
+        chosen = [v.strip() for v in self.args.e_variants.split(",") if v.strip()]
+        base_s = None
+        for name, over in [v for v in variants if v[0] in chosen]:
+
+            def run(gc_on: bool, name: str = name, over: list[str] = over) -> None:
+                nonlocal base_s
+                trainer = None
+                try:
+                    trainer = self.trainer(
+                        "dpo_lora.yaml", f"e_{name}", [f"data.sources={src}", *over], gc_on=gc_on
+                    )
+                    t0 = time.perf_counter()
+                    r = self.ours("e", f"dpo-lora {name}", trainer)
+                    log(f"    (e) {name}: set-up + warm-up + timed steps {time.perf_counter() - t0:.0f} s")
+                    if name != "ours":
+                        if base_s is not None:
+                            log(f"[e] {name}: {base_s / r['step_s']:.2f}x the diffusers-example step")
+                        return
+                    records, _ = read_records(trainer.cfg.data.sources)
+                    gen = torch.Generator().manual_seed(0)
+                    b = trainer.cfg.train.batch_size
+                    base = self.baseline("e", "dpo-lora baseline", trainer)
+                    base_s = base["step_s"]
+                    log(f"[e] ours eager: {base_s / r['step_s']:.2f}x the diffusers-example step")
+                    ph_base = Phases(self.device)
+                    for _ in range(3):
+                        _baseline_step(trainer, records, trainer.cursor.take(b), gen, ph_base)
+                    ph = Phases(self.device)
+                    instrument_ours(trainer, ph)
+                    cfg = trainer.cfg
+                    cfg.train.max_steps = trainer.counters.step + 3
+                    self.sync()
+                    t1 = time.perf_counter()
+                    trainer.train()
+                    self.sync()
+                    ours_total = (time.perf_counter() - t1) / 3
+                    for label, p, total in (("baseline", ph_base, None), ("ours", ph, ours_total)):
+                        secs = {k: v / 3 for k, v in p.seconds.items()}
+                        if total is None:
+                            total = sum(secs.values())
+                        secs["other"] = max(0.0, total - sum(v for k, v in secs.items() if k != "other"))
+                        log(
+                            f"[e] phases {label:8s} (s/step, synchronised): "
+                            + "  ".join(f"{k} {v:.4f}" for k, v in secs.items())
+                            + f"  | step {total:.4f}"
+                        )
+                        self.record("e", f"phases {label}", seconds=secs, step_s=total)
+                    from torch.profiler import ProfilerActivity, profile
+
+                    acts = [ProfilerActivity.CPU] + (
+                        [ProfilerActivity.CUDA] if self.device.type == "cuda" else []
+                    )
+                    cfg.train.max_steps = trainer.counters.step + 1
+                    with profile(activities=acts) as prof:
+                        trainer.train()
+                        self.sync()
+                    ev = prof.key_averages()
+                    cpu_us = sum(e.self_cpu_time_total for e in ev)
+                    dev_us = sum(getattr(e, "self_device_time_total", 0) for e in ev)
+                    launches = sum(
+                        e.count for e in ev if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel"))
+                    )
+                    log(
+                        f"[e] torch.profiler, one eager step: host (self CPU) {cpu_us / 1e6:.3f} s, device kernels "
+                        f"{dev_us / 1e6:.3f} s, kernel launches {launches}"
+                    )
+                    self.record(
+                        "e", "profiler", host_s=cpu_us / 1e6, device_s=dev_us / 1e6, launches=launches
+                    )
+                    log(
+                        prof.key_averages().table(
+                            sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50
+                        )
+                    )
+                finally:
+                    self.release(trainer)
+
+            self.with_fallback(f"(e) {name}", run)
+
     def part_b(self) -> None:
         def run(gc_on: bool) -> None:
             trainer = None
@@ -691,11 +785,18 @@ def main() -> None:
     p.add_argument("--groups", type=int, default=8, help="groups in the synthetic data set")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant")
-    p.add_argument("--parts", default="abcd", help="which parts to run, in order (a, b, c, d)")
+    p.add_argument(
+        "--parts", default="abcd", help="which parts to run, in order (a, b, c, d; e: speed options)"
+    )
     p.add_argument("--deadline", type=float, default=210.0, help="seconds after which (c) skips what is left")
     p.add_argument("--objectives", default=None, help="(c): these, comma-separated (default: all registered)")
     p.add_argument(
         "--gradient-checkpointing", action="store_true", help="on from the start (default: on OOM)"
+    )
+    p.add_argument(
+        "--e-variants",
+        default="ours,ours+channels_last,ours+compile",
+        help="(e): which of ours, ours+channels_last, ours+compile (ours also runs the baseline and the profiles)",
     )
     p.add_argument("--hps-images", type=int, default=128)
     p.add_argument("--hps-batch", type=int, default=32)
@@ -728,8 +829,10 @@ def main() -> None:
                 bench.part_c(args.deadline)
             elif part == "d":
                 bench.part_d()
+            elif part == "e":
+                bench.part_e()
             else:
-                raise SystemExit(f"--parts: unknown part {part!r} (use a, b, c, d)")
+                raise SystemExit(f"--parts: unknown part {part!r} (use a, b, c, d, e)")
     log(f"done in {elapsed():.0f} s")
 
 
