@@ -332,9 +332,18 @@ def fit_user_scorer(
         scorer.save(tmp)
         tmp.replace(path)  # atomic: a job reading scorer.json never sees half a file
     _LOADED.pop(str(path), None)
+    _forget_built(ctx, path)
     return UserScorerFit(
         user, path, scorer, data.n_votes, len(pairs), data.excluded, agreement, population, prior.tolist()
     )
+
+
+def _forget_built(ctx: AppContext, path: Path) -> None:
+    """Drop scorers the context built from this file (Compare's ``personal:path=<file>``; ``AppContext.scorer`` keeps
+    what it builds), so that the next use reads the refitted weights."""
+    with ctx._lock:
+        for spec in [k for k in ctx._scorers if k.startswith("personal:") and str(path) in k]:
+            del ctx._scorers[spec]
 
 
 def _agreement(margins: torch.Tensor, weights: Sequence[float]) -> Interval:

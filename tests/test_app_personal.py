@@ -405,3 +405,13 @@ def test_embedding_components_join_the_features_at_prior_weight_zero(tmp_path: P
     assert fit.prior == pytest.approx([0.5, 0.5, 0.0, 0.0, 0.0])
     saved = json.loads(fit.path.read_text())
     assert saved["embedder"] == {"name": "pixels"} and len(saved["basis"]) == 3
+
+
+def test_a_refit_replaces_the_personal_scorer_that_compare_built(tmp_path: Path):
+    ctx = _ctx(tmp_path, WorldRenderer())
+    _fit_some_user(ctx, votes=5)
+    spec = f"personal:path={scorer_path(ctx, 'sim')}"
+    before = ctx.scorer(spec)  # as Compare builds it (cached by spec)
+    _fit_some_user(ctx, votes=3)  # more votes, refit
+    after = ctx.scorer(spec)
+    assert after is not before and after.info["votes"] == 8 and before.info["votes"] == 5
