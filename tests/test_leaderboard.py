@@ -300,3 +300,15 @@ def test_the_tab_refits_only_when_votes_change(ctx: AppContext):
     _vote_for(ctx, "alice", "tuned")
     _, after, _, _ = refresh(ctx.store, "alice", "rating", "half")
     assert "9 active votes" in after
+
+
+def test_prompt_bootstrap_resamples_whole_prompts():
+    """Resampling prompts (7 here, every vote of a prompt together) keeps the point estimates and gives intervals
+    around them that differ from the vote bootstrap's."""
+    votes = simulate(200, 2, "best", seed=4)
+    by_vote = leaderboard(votes, n_boot=60)
+    by_prompt = leaderboard(votes, n_boot=60, resample="prompt")
+    assert [s.rating for s in by_prompt.standings] == [s.rating for s in by_vote.standings]
+    assert all(s.low <= s.rating <= s.high for s in by_prompt.standings)
+    assert [(s.low, s.high) for s in by_prompt.standings] != [(s.low, s.high) for s in by_vote.standings]
+    assert "resamples of prompts" in by_prompt.summary()
