@@ -41,6 +41,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -56,6 +57,7 @@ PHASES = ("queued", "votes", "synth", "train", "done", "failed", "cancelled")
 FINAL = ("done", "failed", "cancelled")
 #: Popen handles of the jobs this server started (reaped on read, so a finished child is no zombie)
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+_START_LOCK = threading.Lock()  # two quick clicks start one job
 
 
 @dataclass
@@ -236,13 +238,21 @@ def _alive(pid: int | None, job_dir: Path) -> bool:
 def start_job(ctx: AppContext, user: str, options: JobOptions | None = None) -> JobView:
     """Check what the job needs (a fitted scorer, votes, a training config), write the job folder and start the
     driver in its own session. Refuses a second running job for the same user."""
-    options = (options or JobOptions()).check()
+    with _START_LOCK:
+        return _start(ctx, user, (options or JobOptions()).check())
+
+
+def _start(ctx: AppContext, user: str, options: JobOptions) -> JobView:
+    from apps.personal import EVAL_SOURCE
+
     scorer = scorer_path(ctx, user)
     if not scorer.is_file():
         raise InputError(
             f"no personal scorer for {user!r} yet ({scorer}): fit it on the Personalise tab first (it needs 4 votes)"
         )
-    votes = ctx.store.votes(user_id=user)
+    votes = [
+        v for v in ctx.store.votes(user_id=user) if v.round.source != EVAL_SOURCE
+    ]  # blind rounds: held out
     if not votes:
         raise InputError(f"{user!r} has no votes yet; vote in the arena first")
     for view in list_jobs(ctx, user):
@@ -282,16 +292,20 @@ def start_job(ctx: AppContext, user: str, options: JobOptions | None = None) -> 
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
     env.setdefault("HF_HUB_OFFLINE", "1")
-    with (job_dir / "log.txt").open("ab") as log:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "apps.jobs", str(job_dir.resolve())],
-            cwd=job_dir,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,  # its own process group: cancel kills it and its children, never the server
-        )
+    try:
+        with (job_dir / "log.txt").open("ab") as log:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "apps.jobs", str(job_dir.resolve())],
+                cwd=job_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # its own process group: cancel stops it and its children, never the server
+            )
+    except OSError as exc:
+        update_status(job_dir, phase="failed", finished=time.time(), error=f"could not start the job: {exc}")
+        return read_job(job_dir)
     _CHILDREN[child.pid] = child
     update_status(job_dir, only_if_phase=("queued",), pid=child.pid)
     return read_job(job_dir)
