@@ -173,3 +173,97 @@ def test_browser_votes_with_shortcuts_and_curates(app_url: tuple[Any, str], tmp_
         Path(target).mkdir(parents=True, exist_ok=True)
         for f in shots.iterdir():
             shutil.copy(f, Path(target) / f.name)
+
+
+JOB_AUTH = ("bob", "builder")
+
+
+@pytest.fixture(scope="module")
+def job_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str]]:
+    """A second app (its own store) whose user already has 4 votes, cast through the handlers."""
+    from apps.app import launch
+    from apps.handlers import AppContext, AppSettings, ArenaState, act, new_round
+
+    root = tmp_path_factory.mktemp("browser_job_app")
+    settings = AppSettings(
+        db=str(root / "votes.sqlite"),
+        cache_dir=str(root / "cache"),
+        runs_dir=None,
+        steps=2,
+        seed=2,
+        scorers=["toy/fidelity", "toy/centering"],
+    )
+    ctx = AppContext(settings)
+    for key in "1221":
+        state, _ = new_round(
+            ctx,
+            ArenaState(),
+            user=JOB_AUTH[0],
+            prompt=None,
+            prompt_set="toy:train",
+            k=2,
+            source="seeds",
+            checkpoints=["base"],
+        )
+        act(ctx, state, user=JOB_AUTH[0], key=key)
+    demo, url = launch(ctx, auth=[JOB_AUTH], block=False)
+    try:
+        yield ctx, url
+    finally:
+        demo.close()
+
+
+def test_browser_fits_the_scorer_runs_a_job_and_compares_its_lora(job_app: tuple[Any, str], tmp_path: Path):
+    """Personalise: Fit, then a short personal fine-tune (2 steps) whose progress streams into the page; the LoRA
+    then appears among Compare's checkpoints and renders beside the base."""
+    from apps.jobs import list_jobs
+
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"chromium not found at {CHROMIUM}: install Debian's chromium (make test does, as root)")
+    ctx, url = job_app
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 1400})
+        expect = sync_api.expect
+        page.goto(url)
+        page.get_by_label("username").fill(JOB_AUTH[0])
+        page.get_by_label("password").fill(JOB_AUTH[1])
+        page.get_by_role("button", name="Login").click()
+
+        page.get_by_role("tab", name="Personalise").click()
+        status = page.locator("#job-status")
+        expect(status).to_contain_text("no personal fine-tune for bob yet", timeout=WAIT)  # the timer polls
+        page.locator("#personal-fit").click()
+        expect(page.locator("#personal-fit-summary")).to_contain_text("4 votes", timeout=WAIT)
+        for field, value in (("job-steps", "2"), ("job-samples", "2"), ("job-prompts", "1")):
+            page.locator(f"#{field} input").fill(value)
+        page.locator("#job-start").click()
+        expect(status).to_contain_text("job ", timeout=WAIT)
+        phases = set()
+        deadline = 600  # s: the job starts a process, renders, trains on a shared CPU
+        for _ in range(deadline):
+            text = status.inner_text()
+            phases |= {p for p in ("queued", "votes", "synth", "train", "done", "failed") if f"· {p}" in text}
+            if "· done" in text or "· failed" in text:
+                break
+            page.wait_for_timeout(1000)
+        assert "· done" in status.inner_text(), status.inner_text()
+        assert phases & {"queued", "votes", "synth", "train"}, phases  # progress was seen before the end
+        expect(status).to_contain_text("step 2/2")
+        page.screenshot(path=str(shots / "personal_job.png"), full_page=True)
+        (view,) = list_jobs(ctx, JOB_AUTH[0])
+        name = view.checkpoint
+        assert name and name in ctx.renderer.names()
+
+        page.get_by_role("tab", name="Compare").click()
+        page.get_by_label(name).check()
+        page.locator("#compare-run").click()
+        expect(page.locator("#compare-gallery")).to_contain_text(name, timeout=WAIT)
+        page.screenshot(path=str(shots / "compare_personal.png"), full_page=True)
+        browser.close()
+    target = os.environ.get("APP_SCREENSHOTS")
+    if target:
+        for f in shots.iterdir():
+            shutil.copy(f, Path(target) / f.name)
