@@ -205,7 +205,7 @@ def main() -> None:
     def mean(arm: str, key: str) -> float:
         return statistics.fmean(r[key] for r in rows if r["selection"] == arm)
 
-    summary = {
+    summary: dict[str, dict[str, Any]] = {
         arm: {
             key: mean(arm, key)
             for key in (
@@ -216,6 +216,17 @@ def main() -> None:
             )
         }
         for arm in ("random", "bald")
+    }
+    from workbench.stats import mean_interval
+
+    by = {(r["user"], r["selection"]): r["heldout_agreement"] for r in rows}
+    paired = [by[(u, "bald")] - by[(u, "random")] for u in range(args.users)]
+    gain = mean_interval(paired) if len(paired) > 1 else None  # Student t over users
+    summary["bald_minus_random_heldout"] = {
+        "mean": statistics.fmean(paired),
+        "interval": gain.fmt(sign=True) if gain else "n/a",
+        "users_better": sum(d > 0 for d in paired),
+        "users": len(paired),
     }
     result = {
         "args": vars(args),
@@ -231,11 +242,16 @@ def main() -> None:
     print(
         f"{'selection':10s} {'LOO on votes':>13s} {'pop. on votes':>14s} {'held-out':>9s} {'pop. held-out':>14s}"
     )
-    for arm, s in summary.items():
+    for arm in ("random", "bald"):
+        s = summary[arm]
         print(
             f"{arm:10s} {s['loo_agreement']:13.3f} {s['population_agreement_on_votes']:14.3f} "
             f"{s['heldout_agreement']:9.3f} {s['heldout_population_agreement']:14.3f}"
         )
+    g = summary["bald_minus_random_heldout"]
+    print(
+        f"held-out agreement, bald - random (paired by user): {g['interval']}; {g['users_better']}/{g['users']} better"
+    )
     print(
         f"baseline {baseline['comparison']}: win rate {baseline['win_rate']} over {baseline['votes']} blind votes; "
         f"noise-free share better {baseline['noise_free_share_better']:.3f}"
