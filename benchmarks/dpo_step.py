@@ -12,7 +12,8 @@ beta 5000 and batch, each variant in its own child process (so peak RSS is per v
   all images of a group in one forward, reference = LoRA disabled without gradient, gradient clipping, metrics and
   bookkeeping), timed over ``--steps`` optimizer steps after ``--warmup``.
 * ``ours+<option>``: the same with one speed option on (``train.compile``, ``train.channels_last``,
-  ``optimizer.implementation=foreach|fused``); ``ours+all`` = every option at once.
+  ``optimizer.implementation=foreach|fused``), or the memory option ``train.gradient_checkpointing`` (its speed
+  cost); ``ours+all`` = compile, channels-last and foreach at once.
 
 Sizes: ``toy`` is the committed toy pipeline (the objective gym's model, SDXL-architecture, 32 px, 8 pairs per step:
 the setting the issue measured); ``mid`` is SDXL's block structure (``layers_per_block`` 2, transformer depths
@@ -61,6 +62,7 @@ OPTIONS: dict[str, list[str]] = {
     "ours+channels_last": ["train.channels_last=true"],
     "ours+foreach": ["optimizer.implementation=foreach"],
     "ours+fused": ["optimizer.implementation=fused"],
+    "ours+grad_ckpt": ["train.gradient_checkpointing=true"],  # a memory option: its speed cost, measured
     "ours+all": ["train.compile=true", "train.channels_last=true", "optimizer.implementation=foreach"],
 }
 SIZES: dict[str, dict[str, Any]] = {
