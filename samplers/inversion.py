@@ -59,7 +59,16 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from samplers.noising import NOISING, Denoiser, Noised, NoiseFn, NoisingContext, NoisingMethod
+from samplers.noising import (
+    NOISING,
+    Denoiser,
+    Noised,
+    NoiseFn,
+    NoisingContext,
+    NoisingMethod,
+    group_randint,
+    group_randn,
+)
 
 Semantics = Literal["diffusers_0.20", "diffusers_0.22"]
 
@@ -273,11 +282,11 @@ def _build_inversion(cfg: _InversionConfig) -> NoiseFn:
         )
         b, k = x0.shape[:2]
         # draw order (t, then the eta noise) is fixed: exact resume depends on it
-        t = torch.randint(cfg.t_min, cfg.t_max, (b, 1 if cfg.share_timestep else k), generator=generator)
+        t = group_randint(cfg.t_min, cfg.t_max, (b, 1 if cfg.share_timestep else k), generator, ctx.rows)
         t = t.expand(b, k).contiguous()
         eta_noise = None
         if cfg.eta:
-            eta_noise = torch.randn((b, len(steps), k, *x0.shape[2:]), generator=generator)
+            eta_noise = group_randn((b, len(steps), k, *x0.shape[2:]), generator, ctx.rows)
         initial = float(alphas_cumprod[0]) if cfg.initial_alpha == "alphas_cumprod_0" else 1.0
         x_inv = invert(
             x0,

@@ -55,15 +55,63 @@ GuidedDenoiser = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torc
 
 
 @dataclass(frozen=True)
+class BatchRows:
+    """The groups ``[start, start + B)`` of a global batch of ``total`` groups that one process of a multi-process
+    run holds. Every per-group random draw is made for the whole global batch and sliced to these rows
+    (:func:`group_randn` and friends), so a group's noise and timestep depend on its place in the global batch, never
+    on how the batch is split over processes: N processes draw what one process with the global batch draws."""
+
+    start: int
+    total: int
+
+
+def _rows_of(
+    draw: Callable[[tuple[int, ...]], torch.Tensor], shape: tuple[int, ...], rows: BatchRows | None
+) -> torch.Tensor:
+    """``draw(shape)``, or, for a process holding ``rows`` of a global batch, rows ``rows`` of ``draw`` over the
+    global batch (dim 0 = groups). With ``rows`` None or covering the whole batch, exactly ``draw(shape)``."""
+    if rows is None or (rows.start == 0 and rows.total == shape[0]):
+        return draw(shape)
+    if rows.start < 0 or rows.start + shape[0] > rows.total:
+        raise ValueError(
+            f"rows [{rows.start}, {rows.start + shape[0]}) lie outside a global batch of {rows.total}"
+        )
+    return draw((rows.total, *shape[1:]))[rows.start : rows.start + shape[0]]
+
+
+def group_randn(
+    shape: tuple[int, ...], generator: torch.Generator, rows: BatchRows | None = None
+) -> torch.Tensor:
+    """``torch.randn(shape)`` over groups (dim 0), drawn for the global batch when ``rows`` is given."""
+    return _rows_of(lambda s: torch.randn(s, generator=generator), tuple(shape), rows)
+
+
+def group_rand(
+    shape: tuple[int, ...], generator: torch.Generator, rows: BatchRows | None = None
+) -> torch.Tensor:
+    """``torch.rand(shape)`` over groups (dim 0), drawn for the global batch when ``rows`` is given."""
+    return _rows_of(lambda s: torch.rand(s, generator=generator), tuple(shape), rows)
+
+
+def group_randint(
+    low: int, high: int, shape: tuple[int, ...], generator: torch.Generator, rows: BatchRows | None = None
+) -> torch.Tensor:
+    """``torch.randint(low, high, shape)`` over groups (dim 0), drawn for the global batch when ``rows`` is given."""
+    return _rows_of(lambda s: torch.randint(low, high, s, generator=generator), tuple(shape), rows)
+
+
+@dataclass(frozen=True)
 class NoisingContext:
     """What a noising method may use: the training scheduler (``alphas_cumprod``, ``add_noise``); for inversion, the
     policy as a denoiser conditioned on the batch's prompts; for teacher chains (Self-NPO), the reference model's
-    conditional and unconditional outputs (``teacher``)."""
+    conditional and unconditional outputs (``teacher``); in a multi-process run, the rows of the global batch this
+    process holds (``rows``: draw through :func:`group_randn` and friends)."""
 
     scheduler: Any
     denoiser: Denoiser | None = None
     prediction_type: str = "epsilon"
     teacher: GuidedDenoiser | None = None
+    rows: BatchRows | None = None
 
 
 NoiseFn = Callable[[torch.Tensor, torch.Generator, NoisingContext], Noised]
@@ -105,15 +153,16 @@ def group_draws(
     t_max: int,
     share_noise: bool,
     share_t: bool,
+    rows: BatchRows | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Timesteps ``[B, K]`` and noise ``[B, K, C, h, w]`` for groups of ``shape``; shared within a group on request.
-    Draw order (t first, then eps) is fixed: exact resume depends on it."""
+    Draw order (t first, then eps) is fixed: exact resume depends on it. ``rows``: see :class:`BatchRows`."""
     b, k = shape[0], shape[1]
-    t = torch.randint(t_min, t_max, (b, 1 if share_t else k), generator=generator).expand(b, k)
+    t = group_randint(t_min, t_max, (b, 1 if share_t else k), generator, rows).expand(b, k)
     if share_noise:
-        eps = torch.randn((b, 1, *shape[2:]), generator=generator).expand(-1, k, *shape[2:])
+        eps = group_randn((b, 1, *shape[2:]), generator, rows).expand(-1, k, *shape[2:])
     else:
-        eps = torch.randn(tuple(shape), generator=generator)
+        eps = group_randn(tuple(shape), generator, rows)
     return t.contiguous(), eps.contiguous()
 
 
@@ -136,6 +185,7 @@ def _build_forward(cfg: ForwardNoising) -> NoiseFn:
             t_max=cfg.t_max,
             share_noise=cfg.share_noise,
             share_t=cfg.share_timestep,
+            rows=ctx.rows,
         )
         eps = eps.to(x0.device)
         return Noised(x_t=forward_noise(x0, t, eps, ctx.scheduler.alphas_cumprod), t=t.to(x0.device), eps=eps)

@@ -34,7 +34,15 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from samplers.noising import NOISING, Noised, NoisingContext, NoisingMethod
+from samplers.noising import (
+    NOISING,
+    Noised,
+    NoisingContext,
+    NoisingMethod,
+    group_rand,
+    group_randint,
+    group_randn,
+)
 
 #: ``(x_t [B, K, C, h, w], t [B, K]) -> (conditional, unconditional)`` outputs of the teacher, no gradient.
 Teacher = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -163,8 +171,8 @@ def _build(cfg: TruncatedTeacher) -> Callable[[torch.Tensor, torch.Generator, No
         grid = ddim_grid(n_train, cfg.num_ddim_timesteps)
         b, k = x0.shape[0], x0.shape[1]
         # draw order (exact resume depends on it): start noise, grid index, s, re-noising noise
-        eps = torch.randn(tuple(x0.shape), generator=generator).to(x0.device)
-        index = torch.randint(0, cfg.num_ddim_timesteps, (b, k), generator=generator)
+        eps = group_randn(tuple(x0.shape), generator, ctx.rows).to(x0.device)
+        index = group_randint(0, cfg.num_ddim_timesteps, (b, k), generator, ctx.rows)
         t0 = grid[index]
         abar0 = _gather(abar, t0, x0)
         x_start = abar0.sqrt() * x0.float() + (1 - abar0).sqrt() * eps.float()
@@ -180,9 +188,9 @@ def _build(cfg: TruncatedTeacher) -> Callable[[torch.Tensor, torch.Generator, No
         )
         t_trunc = t_trunc.cpu()
         # s ~ U{t_trunc + 1, .., T - 1} per sample (official: t + randint(1, T - 1 - t + 1))
-        u = torch.rand((b, k), generator=generator)
+        u = group_rand((b, k), generator, ctx.rows)
         s = t_trunc + 1 + (u * (n_train - 1 - t_trunc).float()).long().clamp(max=n_train - 2 - t_trunc)
-        z = torch.randn(tuple(x0.shape), generator=generator).to(x0.device)
+        z = group_randn(tuple(x0.shape), generator, ctx.rows).to(x0.device)
         x_s = renoise(x_trunc, t_trunc, s, z, abar)
         abar_s = _gather(abar, s, x_s)
         eps_s = (x_s - abar_s.sqrt() * x0_hat) / (1 - abar_s).sqrt()  # the noise that takes x0_hat to x_s

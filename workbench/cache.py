@@ -248,20 +248,37 @@ class PreferenceCache:
         return self._text[prompt]
 
     def batch(
-        self, indices: list[int], generator: torch.Generator, *, empty_prompt_prob: float, hflip: bool
+        self,
+        indices: list[int],
+        generator: torch.Generator,
+        *,
+        empty_prompt_prob: float,
+        hflip: bool,
+        rows: range | None = None,
     ) -> GroupBatch:
         """Assemble a :class:`GroupBatch`; every random draw comes from ``generator`` (exact resume).
 
         Per group, in this order: the crop (when more than one is cached), the flip (``hflip`` and flipped views
         cached), the posterior sample, the empty-prompt draw. Groups smaller than the largest K in the batch are
         padded with zero latents (``mask`` False there; ``mask`` is None when every group has the same K).
+
+        ``rows`` (a multi-process run): ``indices`` is the global batch and only its groups ``rows`` are loaded and
+        returned; the draws of every group are still made, in order, and K is padded to the global batch's largest,
+        so the rows are exactly those of the one-process batch.
         """
+        rows = range(len(indices)) if rows is None else rows
+        if rows.step != 1 or rows.start < 0 or rows.stop > len(indices) or not len(rows):
+            raise ValueError(f"rows {rows} is not a contiguous part of a batch of {len(indices)} groups")
         items = [self.items[i] for i in indices]
         k_max = max(item.k for item in items)
         latents, embeds, pooled, time_ids = [], [], [], []
-        for item in items:
+        for row, item in enumerate(items):
             crop = int(torch.randint(0, item.n_crops, (1,), generator=generator)) if item.n_crops > 1 else 0
             view = int(torch.randint(0, 2, (1,), generator=generator)) if hflip and item.n_views > 1 else 0
+            if row not in rows:  # another process's group: make its draws (same shapes), load nothing
+                torch.randn(_params_shape(item.latent_file, crop, view, half=True), generator=generator)
+                torch.rand((), generator=generator)
+                continue
             mean, logvar = _load_params(item.latent_file, crop, view).chunk(2, dim=1)  # [K, C, h, w] each
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
             noise = torch.randn(mean.shape, generator=generator)
@@ -274,6 +291,7 @@ class PreferenceCache:
                 pooled.append(text["pooled_embeds"])
             # the K images of a group share their crop and flip, so their micro-conditioning: [K_max, 6]
             time_ids.append(item.time_ids[crop, view].expand(k_max, 6))
+        items, indices = items[rows.start : rows.stop], indices[rows.start : rows.stop]
         sizes = torch.tensor([item.k for item in items])
         mask = torch.arange(k_max)[None, :] < sizes[:, None]  # [B, K_max]
         scores = None
@@ -313,6 +331,17 @@ def _load_params(path: Path, crop: int, view: int) -> torch.Tensor:
 
     with safe_open(str(path), framework="pt") as f:
         return f.get_tensor(f"params_{crop}_{view}")
+
+
+def _params_shape(path: Path, crop: int, view: int, *, half: bool) -> tuple[int, ...]:
+    """The shape of :func:`_load_params`'s tensor (``half``: of its mean, ``[K, C, h, w]``), from the header only."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        shape = [int(n) for n in f.get_slice(f"params_{crop}_{view}").get_shape()]
+    if half:
+        shape[1] //= 2
+    return tuple(shape)
 
 
 def _read_time_ids(path: Path) -> torch.Tensor:

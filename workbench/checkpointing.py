@@ -31,18 +31,20 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 class DataCursor:
-    """Deterministic, resumable data order: a fresh permutation per epoch from (seed, epoch); each process takes
-    its own stride of it. ``state_dict`` is saved with every checkpoint."""
+    """Deterministic, resumable data order: a fresh permutation per epoch from (seed, epoch), read as one global
+    stream. Every process of a multi-process run holds the same cursor and takes the whole global batch from it; the
+    trainer gives process ``r`` of ``n`` the rows ``[r * B, (r + 1) * B)`` of each global micro-batch of ``n * B``,
+    so the processes see disjoint groups whose union is the batch one process would take, and the state (the same
+    on every process) resumes under any number of processes. ``state_dict`` is saved with every checkpoint."""
 
-    def __init__(self, n: int, seed: int, process_index: int, num_processes: int) -> None:
-        self.n, self.seed, self.rank, self.world = n, seed, process_index, num_processes
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = n, seed
         self.epoch, self.position = 0, 0
         self._order = self._permutation()
 
     def _permutation(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
-        return order[self.rank :: self.world] or order
+        return torch.randperm(self.n, generator=g).tolist()
 
     def take(self, k: int) -> list[int]:
         out: list[int] = []

@@ -112,10 +112,17 @@ def run_eval(
     *,
     scorers: dict[str, ScorerFn] | None = None,
     load: Callable[[Any], Any] | None = None,
+    process_index: int = 0,
+    num_processes: int = 1,
 ) -> EvalResult:
     """Generate, score, summarise and report. ``scorers`` (name -> scorer) defaults to
     ``rewards.build_scorer`` of each ``NAME[:key=value,...]`` spec; ``load(checkpoint) -> pipeline`` defaults to
-    :func:`samplers.load_pipeline_for` on ``plan.base`` (both injectable for tests)."""
+    :func:`samplers.load_pipeline_for` on ``plan.base`` (both injectable for tests).
+
+    Under ``accelerate launch`` (``num_processes`` > 1), the items are cut into batches of ``plan.batch_size`` as one
+    process would cut them and process ``i`` generates and scores the batches ``j`` with ``j % n == i`` (the same
+    batches, so the same images); the scores are gathered, every process summarises them (the same numbers) and
+    the main process alone writes the report, grid and ``scores.jsonl``, in the canonical item order."""
     import torch
 
     from samplers import ImageCache, from_uint8, generate_images, load_pipeline_for, model_id, save_png
@@ -143,6 +150,8 @@ def run_eval(
     items = plan.items
     prompts = [p for p, _ in items]
     seeds = [s for _, s in items]
+    batch = max(1, plan.batch_size)
+    mine = [i for i in range(len(items)) if (i // batch) % num_processes == process_index]
     scores: dict[str, dict[str, np.ndarray]] = {}
     paths: dict[str, list[Path]] = {}
     timings: dict[str, float] = {}
@@ -153,15 +162,16 @@ def run_eval(
         mid = model_id(plan.base, ckpt, dtype=plan.dtype, device=plan.device)
         batches = generate_images(
             lambda c=ckpt: loader(c),
-            prompts,
-            seeds,
+            [prompts[i] for i in mine],
+            [seeds[i] for i in mine],
             plan.sampling,
             batch_size=plan.batch_size,
             cache=cache,
             model_id=mid,
             desc=f"eval {ckpt.name}",
         )
-        for idx, images in batches:
+        for rows, images in batches:
+            idx = [mine[r] for r in rows]
             for i, image in zip(idx, images):
                 save_png(image, ckpt_paths[i])
             x = from_uint8(images).to(plan.device)
@@ -171,6 +181,15 @@ def run_eval(
         scores[ckpt.name] = per
         paths[ckpt.name] = ckpt_paths
         timings[ckpt.name] = round(time.perf_counter() - t0, 2)
+    if num_processes > 1:
+        _gather_scores(scores, mine)
+        if process_index != 0:  # the main process writes every file
+            summary = summarise(
+                scores, plan.checkpoints[0].name, prompts=prompts, n_boot=plan.n_boot, seed=plan.seed
+            )
+            return EvalResult(
+                out, summary, {}, scores, paths, out / "report.json", out / "report.html", out / "grid.png"
+            )
 
     summary = summarise(scores, plan.checkpoints[0].name, prompts=prompts, n_boot=plan.n_boot, seed=plan.seed)
     grid_path = write_grid(out / "grid.png", plan, paths, scores)
@@ -186,6 +205,7 @@ def run_eval(
             "scorers": list(scorers),
             "device": plan.device,
             "dtype": plan.dtype,
+            "processes": num_processes,
             "bootstrap": {
                 "n": plan.n_boot,
                 "seed": plan.seed,
@@ -215,6 +235,16 @@ def run_eval(
     write_text(out / "scores.jsonl", "\n".join(lines) + "\n")
     html_path = write_html(out / "report.html", report, plan, paths, scores)
     return EvalResult(out, summary, report, scores, paths, json_path, html_path, grid_path)
+
+
+def _gather_scores(scores: dict[str, dict[str, np.ndarray]], mine: list[int]) -> None:
+    """Fill ``scores`` (checkpoint -> scorer -> ``[items]``, this process's items ``mine`` filled) with every
+    process's items, in place (``accelerate.utils.gather_object``: every process receives all of them)."""
+    from accelerate.utils import gather_object
+
+    part = [(c, n, i, float(v[i])) for c, per in scores.items() for n, v in per.items() for i in mine]
+    for c, n, i, value in gather_object(part):
+        scores[c][n][i] = value
 
 
 def _json_default(x: Any) -> Any:

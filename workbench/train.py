@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from samplers.noising import NOISING, NoisingContext, noising_config
+from samplers.noising import NOISING, BatchRows, NoisingContext, noising_config
 from trainers import OBJECTIVES, ObjectiveContext, Predictions
 from trainers.base import Needs
 from workbench.batch import GroupBatch, first_column, flatten_groups, repeat_per_image, unflatten_groups
@@ -42,6 +42,7 @@ from workbench.checkpointing import (
     save_final,
 )
 from workbench.config import RunConfig, resolved_yaml
+from workbench.distributed import check_launch
 from workbench.optim import base_lr, build_optimizer, lr_factor, set_lr
 from workbench.references import REFERENCES, reference_dtype, reference_for
 from workbench.validation import Validator, side_by_side_grid
@@ -150,6 +151,7 @@ class Trainer:
             log_with=log_with or None,
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir)),
         )
+        check_launch(acc.num_processes, acc.distributed_type)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if acc.is_main_process:
             (self.run_dir / "config.resolved.yaml").write_text(resolved_yaml(cfg))
@@ -185,8 +187,9 @@ class Trainer:
         self.trainable = [p for p in comps.unet.parameters() if p.requires_grad]
         self.base_lr = base_lr(cfg, acc.num_processes)
         optimizer = build_optimizer(cfg, self.trainable, self.base_lr)
+        self._configure_deepspeed()
         self.unet, self.optimizer = acc.prepare(comps.unet, optimizer)
-        self.cursor = DataCursor(len(self.cache), cfg.run.seed, acc.process_index, acc.num_processes)
+        self.cursor = DataCursor(len(self.cache), cfg.run.seed)
         self.noise_generator = torch.Generator()
         self.counters = Counters()
         for obj in (self.cursor, self.counters):
@@ -219,6 +222,23 @@ class Trainer:
             scorers=self._build_scorers(),
             base_weights=self._base_weights(),
         )
+
+    def _configure_deepspeed(self) -> None:
+        """Under DeepSpeed (configs/accelerate/deepspeed_zero2.yaml; not run on this project's machines, see
+        docs/scaling.md): no dataloader goes through ``prepare``, so the micro-batch is set from the run config (the
+        fix accelerate's own error names), and DeepSpeed clips at ``train.max_grad_norm``. accelerate's DeepSpeed
+        wrapper runs the optimizer step inside ``backward``, so gradient accumulation by this loop is refused."""
+        plugin = self.accelerator.state.deepspeed_plugin
+        if plugin is None:
+            return
+        train = self.cfg.train
+        if train.gradient_accumulation_steps != 1:
+            raise ValueError(
+                "train.gradient_accumulation_steps must be 1 under DeepSpeed (its engine steps inside backward); "
+                "raise train.batch_size or the number of processes instead, or use DDP (configs/accelerate/ddp.yaml)"
+            )
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = train.batch_size
+        plugin.deepspeed_config["gradient_clipping"] = train.max_grad_norm or 0.0
 
     def _base_weights(self) -> Any:
         """``() -> theta_base``, the pretrained UNet weights as a state dict of views (negative-model guidance in
@@ -312,12 +332,14 @@ class Trainer:
     # -------------------------------------------------------------------------------------------- one step
     def reseed(self, step: int) -> None:
         """Every random draw of a step (timesteps, noise, posterior samples, prompt dropout) comes from a generator
-        seeded by (run seed, process, step): exact resume needs no saved generator state, and each process of a
-        multi-GPU run draws its own noise. The combination is taken modulo 2^63 (a generator seed is a signed 64-bit
-        integer; large run seeds such as the Self-NPO launchers' 453645634 would overflow it), which leaves every
-        smaller value, and so every earlier run's draws, unchanged."""
-        rank = self.accelerator.process_index
-        self.noise_generator.manual_seed(((self.cfg.run.seed * 1_000_003 + rank) * 1_000_033 + step) % 2**63)
+        seeded by (run seed, step): exact resume needs no saved generator state. Every process of a multi-process run
+        seeds the same generator and draws for the whole global batch, keeping its own rows (``rows`` of
+        :meth:`PreferenceCache.batch`, :class:`samplers.noising.BatchRows`), so N processes draw exactly what one
+        process with the global batch draws (before this rule each process seeded with its rank and drew its own
+        noise; one-process draws are unchanged). The combination is taken modulo 2^63 (a generator seed is a signed
+        64-bit integer; large run seeds such as the Self-NPO launchers' 453645634 would overflow it), which leaves
+        every smaller value, and so every earlier run's draws, unchanged."""
+        self.noise_generator.manual_seed(((self.cfg.run.seed * 1_000_003) * 1_000_033 + step) % 2**63)
 
     def _conditioning(self, batch: GroupBatch) -> dict[str, Any]:
         """UNet conditioning for the flat ``[B*K]`` batch: the group's prompt for each of its K images."""
@@ -367,9 +389,12 @@ class Trainer:
 
         return teacher
 
-    def predictions(self, batch: GroupBatch, *, with_reference: bool = True) -> Predictions:
+    def predictions(
+        self, batch: GroupBatch, *, with_reference: bool = True, rows: BatchRows | None = None
+    ) -> Predictions:
         """Noise the groups with the objective's noising method, run the policy on all K images of every group in
-        one forward and the reference without gradient. Every tensor of the result is ``[B, K, ...]``."""
+        one forward and the reference without gradient. Every tensor of the result is ``[B, K, ...]``. ``rows``:
+        the batch's place in the global batch of a multi-process step (noise is drawn for the global batch)."""
         acc = self.accelerator
         k = batch.shape[1]
         x0 = batch.latents.to(acc.device)  # [B, K, C, h, w]
@@ -388,7 +413,11 @@ class Trainer:
             x0,
             self.noise_generator,
             NoisingContext(
-                self.noise_scheduler, denoiser, self.components.prediction_type, self._teacher(batch, cond)
+                self.noise_scheduler,
+                denoiser,
+                self.components.prediction_type,
+                self._teacher(batch, cond),
+                rows,
             ),
         )
         if noised.x0 is not None:  # the method's own clean latent (Self-NPO: the teacher's x0 estimate)
@@ -417,10 +446,12 @@ class Trainer:
             x0=x0,
         )
 
-    def compute_loss(self, batch: GroupBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def compute_loss(
+        self, batch: GroupBatch, rows: BatchRows | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.spec.needs.data == "winners":
             batch = first_column(batch)  # only column 0 is used: the others never go through the models
-        return self.loss_fn(self.predictions(batch), batch)
+        return self.loss_fn(self.predictions(batch, rows=rows), batch)
 
     @torch.no_grad()
     def implicit_accuracy(self, *, draws: int = 4, batch_size: int = 16, seed: int = 12345) -> float:
@@ -453,6 +484,10 @@ class Trainer:
         self._maybe_resume()
         ga = cfg.train.gradient_accumulation_steps
         bs = cfg.train.batch_size
+        # This process's groups of each global micro-batch (world * bs groups, the same on every process).
+        world, rank = acc.num_processes, acc.process_index
+        rows = BatchRows(start=rank * bs, total=world * bs)
+        index_log = self._index_log()
         from tqdm.auto import tqdm
 
         bar = tqdm(
@@ -479,18 +514,26 @@ class Trainer:
                 sums: dict[str, float] = {}
                 loss_sum, bad = 0.0, False
                 self.reseed(self.counters.step)
+                # set before the backward passes: under DeepSpeed the optimizer steps inside the last one
+                lr_used = self.base_lr * lr_factor(cfg.scheduler, self.counters.step, cfg.train.max_steps)
+                set_lr(self.optimizer, lr_used)
                 for micro in range(ga):
-                    indices = self.cursor.take(bs)
+                    indices = self.cursor.take(world * bs)  # the global micro-batch
                     batch = self.cache.batch(
                         indices,
                         self.noise_generator,
                         empty_prompt_prob=cfg.data.proportion_empty_prompts,
                         hflip=cfg.data.hflip,
+                        rows=range(rows.start, rows.start + bs),
                     )
+                    if index_log is not None:
+                        seen = {"step": self.counters.step, "micro": micro, "process": rank}
+                        index_log.write(json.dumps({**seen, "indices": batch.indices.tolist()}) + "\n")
+                        index_log.flush()
                     sync = micro == ga - 1
                     ctx = nullcontext() if sync or acc.num_processes == 1 else acc.no_sync(self.unet)
                     with ctx:
-                        loss, metrics = self.compute_loss(batch)
+                        loss, metrics = self.compute_loss(batch, rows)
                         finite = bool(
                             torch.as_tensor(acc.gather(torch.isfinite(loss.detach()).reshape(1))).all()
                         )
@@ -522,8 +565,6 @@ class Trainer:
                 # SDXL run clips at max_grad_norm 1.0 on top of Adafactor's own clip_threshold.
                 if cfg.train.max_grad_norm is not None:
                     grad_norm = acc.clip_grad_norm_(self.trainable, cfg.train.max_grad_norm)
-                lr_used = self.base_lr * lr_factor(cfg.scheduler, self.counters.step, cfg.train.max_steps)
-                set_lr(self.optimizer, lr_used)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 on_step = getattr(self.reference, "on_optimizer_step", None)
@@ -540,6 +581,10 @@ class Trainer:
                     record["train/grad_norm"] = float(grad_norm)
                 t_last = now
                 if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                    if world > 1:  # the loss and metrics of the global batch: the mean over processes
+                        keys = ["train/loss", *sums]
+                        mean = acc.reduce(torch.tensor([record[k] for k in keys], device=acc.device), "mean")
+                        record.update(zip(keys, torch.as_tensor(mean).tolist()))
                     self._log(record)
                 bar.update(1)
                 shown = {
@@ -560,12 +605,23 @@ class Trainer:
         finally:
             if old_term is not None:
                 signal.signal(signal.SIGTERM, old_term)
+            if index_log is not None:
+                index_log.close()
         bar.close()
         self.save_final()
         if not cfg.validation.every or self.counters.step % cfg.validation.every:
             self.validate(self.counters.step)
         acc.end_training()
         return self.run_dir
+
+    def _index_log(self) -> Any:
+        """With ``WORKBENCH_LOG_INDICES=1``: each process appends the dataset indices of every micro-batch it trains
+        on to ``debug/indices_process{N}.jsonl`` in the run directory (tests check the data sharding with it)."""
+        if os.environ.get("WORKBENCH_LOG_INDICES", "") not in ("1", "true"):
+            return None
+        path = self.run_dir / "debug" / f"indices_process{self.accelerator.process_index}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path.open("a")
 
     def _maybe_resume(self) -> None:
         resume = self.cfg.train.resume

@@ -4,6 +4,9 @@ prompt (``workbench.stats``: the seeds of a prompt are correlated, so prompts ar
 per-item figures (seeds treated as independent) follow as a secondary table. Also a grid PNG, an HTML report and a
 JSON file.
 
+Under ``accelerate launch -m workbench eval ...`` each process generates and scores every n-th batch of items and
+the main process writes the report: the same images, scores and report as one process (:func:`run_eval`).
+
 The base is always evaluated first; its images are cached (key: weights, sampling settings, prompt, seed), so
 evaluating the same base again reuses them bit for bit and only the new checkpoints are generated.
 """
@@ -85,7 +88,12 @@ def main(args: argparse.Namespace) -> int:
     scorers = args.scorers or (list(TOY_SCORERS) if is_toy else None)
     if not scorers:
         raise ValueError("--scorer: name at least one scorer (see `workbench ls`)")
+    from workbench.distributed import process_state
+
+    state = process_state()
     device, dtype = resolve_device(args)
+    if state.num_processes > 1:
+        device = str(state.device)
     specs = ["base", *[c for c in (args.checkpoints or []) if c != "base"]]
     plan = EvalPlan(
         base=resolve_base(args.base),
@@ -104,14 +112,17 @@ def main(args: argparse.Namespace) -> int:
         n_boot=args.bootstrap,
     )
     n = len(plan.items)
-    if n < MIN_ITEMS:
+    main_process = state.is_main_process
+    if n < MIN_ITEMS and main_process:
         print(f"note: {n} (prompt, seed) items; below ~{MIN_ITEMS} only large differences are detectable")
-    if len(prompts) < MIN_PROMPTS:
+    if len(prompts) < MIN_PROMPTS and main_process:
         print(
             f"note: {len(prompts)} prompts; intervals resample prompts (the seeds of a prompt are correlated), so "
             f"below ~{MIN_PROMPTS} prompts they are wide however many seeds: add prompts rather than seeds"
         )
-    result = run_eval(plan)
+    result = run_eval(plan, process_index=state.process_index, num_processes=state.num_processes)
+    if not main_process:
+        return 0
     print(format_table(result.summary))
     print(f"\nreport: {result.html_path}\ngrid:   {result.grid_path}\njson:   {result.json_path}")
     return 0

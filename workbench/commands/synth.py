@@ -47,12 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-
     from rewards import build_ensemble, build_scorer, parse_scorer_spec
     from samplers import load_pipeline_for, parse_checkpoints
     from samplers.synth import SynthPlan, run_synth
     from workbench.commands.generate import resolve_base, resolve_device, resolve_prompts, sampling_config
+    from workbench.distributed import process_state
     from workbench.models import DTYPES
 
     if not args.prompt_list and not args.prompts:
@@ -65,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
     prompts, spec = resolve_prompts(args)
     if not args.scorers:
         raise ValueError("--scorer: name a scorer (repeat for an ensemble); see `workbench ls`")
-    state = PartialState()
+    state = process_state()
     device, dtype = resolve_device(args)
     if state.num_processes > 1:
         device = str(state.device)
