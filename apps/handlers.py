@@ -71,6 +71,9 @@ class AppSettings:
     max_steps: int = 200
     max_curate_images: int = 2000
     personal_embedder: str | None = None  # scorer spec with encode_images; its top PCs join personal features
+    personal_config: str | None = (
+        None  # the personal fine-tune's training YAML (default: configs/toy/dpo.yaml, toy only)
+    )
     seed: int | None = None  # the app's own draws (prompts, seeds, shuffles); None = fresh each launch
 
 

@@ -3,11 +3,12 @@ their personal scorer labels, plus their own votes, in a separate process that o
 
 Recipe (research/tools_and_ui.md section 3.6; the workbench's own commands do every step):
 
-1. ``votes``: the user's active votes, exported as image-pair JSONL (:func:`apps.store.export_votes`: a best-of-K
-   vote gives K - 1 pairs, a ranking all its pairs, ties dropped by the reader). **Up-weighting by repetition**: the
-   trainer reads no per-row weight, so each real pair is written ``vote_repeat`` times into ``votes/weighted.jsonl``
-   (with ~1,000 synthetic pairs and a few dozen real ones, a repeat of 4 makes the user's own choices about a
-   tenth of the pairs drawn instead of a fortieth).
+1. ``votes``: the user's active votes as image-pair JSONL (expanded as the store's export does,
+   :func:`apps.store.expand_pairs`: a best-of-K vote gives K - 1 pairs, a ranking all its pairs), without ties (no
+   DPO pair) and without the blind before/after rounds (the evaluation set is never trained on). **Up-weighting by
+   repetition**: the trainer reads no per-row weight, so each real pair is written ``vote_repeat`` times into
+   ``votes/weighted.jsonl`` (with ~1,000 synthetic pairs and a dozen real ones, a repeat of 4 makes the user's own
+   choices about 1 in 20 of the pairs drawn instead of 1 in 80).
 2. ``synth``: ``workbench synth`` on the user's prompts (those in their votes) followed by a broad prompt set, K
    samples per prompt from the base the app serves, scored by the user's personal scorer (a snapshot of
    ``<store dir>/users/<user>/scorer.json`` copied into the job), all pairs of a prompt kept only where the
@@ -312,7 +313,7 @@ def _start(ctx: AppContext, user: str, options: JobOptions) -> JobView:
 
 
 def _default_config(ctx: AppContext) -> Path:
-    configured = getattr(ctx.settings, "personal_config", None)
+    configured = ctx.settings.personal_config
     if configured:
         return Path(configured)
     if ctx.settings.base != "toy":
