@@ -263,10 +263,72 @@ def report(pairs: int = 2) -> None:
         print(f"{name:18s} {v['static_gib']:8.1f} {v['peak_gib']:8.1f} {v['peak_ckpt_gib']:16.1f}")
 
 
+GPUS = {"24 GB": 24, "40 GB": 40, "48 GB": 48, "80 GB": 80, "141 GB (H200)": 141}
+CUDA_OVERHEAD_GIB = (
+    2.0  # CUDA context, workspaces, allocator slack (the H200 runs measured 1.4 GiB above the estimate)
+)
+
+
+def shipped_configs() -> list[dict[str, Any]]:
+    """Peak-memory estimate per device for every ``configs/sdxl/*.yaml`` as shipped (its per-device batch, images per
+    group, precision, optimizer, reference and gradient checkpointing), from the per-image activations measured above
+    (2 pairs, divided by 4) and the per-parameter byte counts of :func:`memory`."""
+    from workbench.config import load_config
+
+    lora, full = phases(2, lora=True), phases(2, lora=False)
+    n = full["params"]["unet"]
+    shapes = [p.shape for p in build(lora=False)["unet"].parameters()]
+    rows = []
+    for path in sorted((ROOT / "configs/sdxl").glob("*.yaml")):
+        cfg = load_config(path, [])
+        m, t = cfg.model, cfg.train
+        k = {"rankdpo": 4, "self_npo": 1, "sft": 1}.get(
+            cfg.objective.name, 2
+        )  # images per group through the UNet
+        images = t.batch_size * k
+        half = 2 if t.mixed_precision != "no" else 4
+        enc = {"fp32": 4, "fp16": 2, "bf16": 2}
+        frozen = enc.get(str(m.vae_dtype), 4) * full["params"]["vae"] + enc.get(
+            str(m.text_encoder_dtype), 2
+        ) * (full["params"]["te1"] + full["params"]["te2"])
+        opt = cfg.optimizer.name
+        ph = lora if m.finetune == "lora" else full
+        key = "activation_ckpt_bytes" if t.gradient_checkpointing else "activation_bytes"
+        act = ph[key] / 4 * images
+        if m.finetune == "lora":
+            per = {"adamw": 16, "adamw_8bit": 10, "adafactor": 12}[opt]
+            static, grads = half * n + per * lora["trained"] + frozen, 0
+        else:
+            state = {"adamw": 8 * n, "adamw_8bit": 2 * n, "adafactor": adafactor_state(shapes)}[opt]
+            ref_dtype = str(getattr(m, "reference_dtype", "auto"))
+            ref = (4 if ref_dtype == "fp32" else 2) * n if cfg.objective.name != "sft" else 0
+            static, grads = (
+                4 * n + state + ref + half * n + frozen,
+                4 * n,
+            )  # + autocast's half-precision weight copies
+        peak = (static + max(act, grads)) / GIB + CUDA_OVERHEAD_GIB
+        fits = [g for g, cap in GPUS.items() if peak <= cap * 1e9 / GIB]
+        rows.append(
+            {
+                "config": path.name,
+                "setup": f"{m.finetune}, {opt}, {t.batch_size} x {k} images, ckpt {'on' if t.gradient_checkpointing else 'off'}",
+                "peak_gib": peak,
+                "smallest_gpu": fits[0] if fits else "none (lower train.batch_size)",
+            }
+        )
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=int, default=2)
+    p.add_argument("--configs", action="store_true", help="estimate every configs/sdxl/*.yaml as shipped")
     args = p.parse_args()
+    if args.configs:
+        print(f"{'config':18s} {'setup':52s} {'peak GiB':>9s}  smallest GPU that fits")
+        for r in shipped_configs():
+            print(f"{r['config']:18s} {r['setup']:52s} {r['peak_gib']:9.1f}  {r['smallest_gpu']}")
+        return
     report(args.pairs)
 
 
