@@ -69,6 +69,7 @@ class JobOptions:
     min_margin: float = 1.0  # keep a synthetic pair when the personal scorer's margin exceeds this (log-odds)
     vote_repeat: int = 4  # each of the user's real pairs is written this many times (the up-weighting)
     samples: int = 4  # K samples per prompt in synth (all pairs of the K are candidates)
+    seed_groups: int = 1  # groups of K samples per prompt, each with its own seeds (more diverse pairs)
     broad_prompts: str | None = None  # prompt set added to the user's prompts (default: toy:train / parti)
     broad_max: int = 64  # at most this many prompts of the broad set (a seeded sample)
     synth_steps: int | None = None  # sampler steps for the synthetic images (default: the app's)
@@ -78,7 +79,7 @@ class JobOptions:
     batch_size: int | None = None  # pairs per step (default: the config's)
     config: str | None = None  # training YAML (default: configs/toy/dpo.yaml on the toy base)
     seed: int = 0  # run.seed and the broad-prompt sample
-    first_seed: int = 1_000_000  # synthetic sample k uses seed first_seed + k
+    first_seed: int = 1_000_000  # sample k of seed group g uses seed first_seed + 1000 g + k
 
     def check(self) -> "JobOptions":
         rules = [
@@ -86,6 +87,7 @@ class JobOptions:
             (self.min_margin >= 0, "min_margin must be >= 0 (log-odds of the personal scorer)"),
             (1 <= self.vote_repeat <= 100, "vote_repeat must be between 1 and 100"),
             (2 <= self.samples <= 16, "samples (K per prompt) must be between 2 and 16"),
+            (1 <= self.seed_groups <= 64, "seed_groups must be between 1 and 64"),
             (0 <= self.broad_max <= 100_000, "broad_max must be >= 0"),
             (self.lr is None or self.lr > 0, "lr must be > 0"),
             (self.beta is None or self.beta > 0, "beta must be > 0"),
@@ -365,7 +367,10 @@ def read_job(job_dir: Path, *, tail_lines: int = 15) -> JobView:
     view.max_steps = int(spec["options"]["steps"])
     _read_metrics(job_dir / "run" / "metrics.jsonl", view)
     if phase == "synth":
-        view.message = _synth_progress(job_dir / "synth") or view.message
+        group = status.get("synth_group") or [1, 1]
+        progress = _synth_progress(job_dir / "synth" / f"g{int(group[0]) - 1}")
+        if progress:
+            view.message = f"seed group {group[0]}/{group[1]}: {progress}"
     if view.error:
         view.log_tail = log_tail(job_dir, tail_lines)
     return view
@@ -729,7 +734,8 @@ def _last_error(job_dir: Path) -> str:
 
 
 def _synth(job_dir: Path, spec: dict[str, Any], opts: JobOptions) -> int:
-    out = job_dir / "synth"
+    """``workbench synth`` once per seed group, into ``synth/g<i>/`` (group g's sample k has seed
+    ``first_seed + 1000 g + k``); returns the pairs written."""
     prompts = _prompts(spec, opts)
     prompt_file = job_dir / "prompts.jsonl"
     prompt_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
@@ -738,15 +744,19 @@ def _synth(job_dir: Path, spec: dict[str, Any], opts: JobOptions) -> int:
         raise ValueError(
             f"{scorer}: the job folder's path contains a comma, which a scorer spec cannot carry"
         )
-    argv = ["synth", "--base", spec["base"], "--prompts", str(prompt_file), "-k", str(opts.samples)]
-    argv += ["-s", f"personal:path={scorer}", "--pairs", "all", "--min-gap", str(opts.min_margin)]
-    argv += ["--first-seed", str(opts.first_seed), "--shard-size", "16", "--sampler", spec["sampler"]]
-    argv += ["--steps", str(spec["synth_steps"]), "--guidance", str(spec["guidance"]), "-o", str(out)]
-    argv += ["--device", spec.get("device", "auto"), "--batch-size", "32"]
-    _cli(argv)
+    for g in range(opts.seed_groups):
+        update_status(job_dir, synth_group=[g + 1, opts.seed_groups])
+        argv = ["synth", "--base", spec["base"], "--prompts", str(prompt_file), "-k", str(opts.samples)]
+        argv += ["-s", f"personal:path={scorer}", "--pairs", "all", "--min-gap", str(opts.min_margin)]
+        argv += ["--first-seed", str(opts.first_seed + 1000 * g), "--shard-size", "16"]
+        argv += ["--sampler", spec["sampler"], "--steps", str(spec["synth_steps"])]
+        argv += ["--guidance", str(spec["guidance"]), "-o", str(job_dir / "synth" / f"g{g}")]
+        argv += ["--device", spec.get("device", "auto"), "--batch-size", "32"]
+        _cli(argv)
     import pyarrow.parquet as pq
 
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in sorted((out / "pairs").glob("*.parquet")))
+    files = sorted((job_dir / "synth").glob("g*/pairs/*.parquet"))
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
 
 def _train(
@@ -754,7 +764,8 @@ def _train(
 ) -> Path:
     sources = []
     if with_synth:
-        sources.append({"format": "pickapic_parquet", "path": str(job_dir / "synth" / "pairs")})
+        # every seed group's shards (the reader takes a folder's .parquet files recursively)
+        sources.append({"format": "pickapic_parquet", "path": str(job_dir / "synth")})
     if with_votes:
         sources.append({"format": "pair_jsonl", "path": str(job_dir / "votes" / "weighted.jsonl")})
     overrides = [
