@@ -208,5 +208,6 @@ def test_votes_command_exports_and_refuses_a_missing_store(
     assert [p.name for p in out.iterdir() if p.is_file()] == ["rankings.jsonl"]
     assert main(["votes", "stats", "--db", str(store.path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["by_outcome"] == {"rank": 1}
-    with pytest.raises(ValueError, match="no vote store there"):
-        main(["votes", "stats", "--db", str(tmp_path / "missing.sqlite")])
+    assert main(["votes", "stats", "--db", str(tmp_path / "missing.sqlite")]) == 2
+    err = capsys.readouterr().err
+    assert "workbench votes: error:" in err and "no vote store there" in err and "Traceback" not in err

@@ -351,6 +351,21 @@ class RunConfig(_Strict):
                 raise ValueError(
                     f"validation.sampler {self.validation.sampler!r} is not registered; known: {', '.join(SAMPLERS)}"
                 )
+        if self.validation.scorers or self.validation.scorer_options:
+            from rewards import SCORERS
+
+            for name in self.validation.scorers:
+                if name not in SCORERS:
+                    raise ValueError(
+                        f"validation.scorers: {name!r} is not a registered scorer; known: {', '.join(SCORERS)} "
+                        "(workbench ls scorers); options go in validation.scorer_options.NAME"
+                    )
+            for name in self.validation.scorer_options:
+                if name not in self.validation.scorers:
+                    raise ValueError(
+                        f"validation.scorer_options.{name}: {name!r} is not in validation.scorers "
+                        f"({', '.join(self.validation.scorers) or 'empty'}); add it there or remove the options"
+                    )
         return self
 
 
@@ -474,7 +489,18 @@ def format_validation_error(err: ValidationError, data: Any) -> str:
                 f"{path}.name: {ctx.get('tag')!r} is not known; allowed: {ctx.get('expected_tags')}."
             )
         elif e["type"] == "union_tag_not_found":
-            lines.append(f"{path}: needs a 'name' key choosing the variant.")
+            parent, _ = _model_at(tuple(clean[:-1]), data)
+            field = parent.model_fields.get(str(clean[-1])) if parent is not None and clean else None
+            tags = [str(_tag(v)) for v in _variants(field.annotation)] if field is not None else []
+            msg = f"{path}: needs a 'name' key choosing the variant"
+            if tags:
+                msg += f": one of {', '.join(tags)} (e.g. {path}.name={tags[0]})"
+            if path == "noising":
+                msg += "; or remove the section (~noising) to use the objective's own noising"
+            lines.append(msg + ".")
+        elif e["type"] == "value_error":  # a validator's own message names its fields; no dump of the input
+            text = str(e.get("ctx", {}).get("error", e["msg"]))
+            lines.append(text if path == "(root)" else f"{path}: {text}")
         else:
             lines.append(f"{path}: {e['msg']} (got {value!r}).")
     return "invalid config:\n  " + "\n  ".join(lines)
@@ -489,6 +515,7 @@ def _is_tag(parent: tuple[Any, ...], part: str, data: Any) -> bool:
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read YAML with OmegaConf, apply ``a.b=c`` overrides, validate. Raises :class:`ConfigError`."""
+    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -506,7 +533,14 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
                 raise ConfigError(
                     f"override {item!r} must look like key.sub=value (list items: key.0.sub=value)"
                 )
-            value = OmegaConf.from_dotlist([f"v={raw}"])["v"]  # YAML typing: 5e-4 is a float, [a, b] a list
+            try:  # YAML typing: 5e-4 is a float, [a, b] a list
+                value = OmegaConf.from_dotlist([f"v={raw}"])["v"]
+            except yaml.YAMLError as exc:
+                problem = getattr(exc, "problem", None) or str(exc)
+                raise ConfigError(
+                    f"override {item!r}: the value {raw!r} is not valid YAML ({problem}); quote it if it is text, "
+                    "e.g. key='[a'"
+                ) from None
             try:
                 OmegaConf.update(merged, key, value, merge=False)
             except (TypeError, ValueError, IndexError, OmegaConfBaseException) as exc:
@@ -514,7 +548,38 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         data = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{path}: could not parse YAML/overrides: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(_yaml_error_message(path, exc)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte offset {exc.start}); re-save the file as UTF-8"
+        ) from None
     return validate_data(data, source=str(path))
+
+
+def _yaml_error_message(path: Path, exc: Exception) -> str:
+    """``FILE:LINE:COLUMN: YAML syntax error: problem (context at LINE:COLUMN)``, 1-based like editors count."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return f"{path}: YAML syntax error: {exc}"
+    problem = getattr(exc, "problem", None) or "syntax error"
+    msg = f"{path}:{mark.line + 1}:{mark.column + 1}: YAML syntax error: {problem}"
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and context_mark is not None:
+        msg += f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    return msg
+
+
+def check_environment(cfg: RunConfig) -> None:
+    """What the schema cannot see: packages a valid config needs in this environment (``workbench validate`` and
+    ``workbench train`` call it before anything loads). Raises :class:`ConfigError`."""
+    import importlib.util
+
+    if cfg.optimizer.name == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            "optimizer.name=adamw_8bit needs bitsandbytes, which is not installed: pip install '.[gpu]' "
+            "(or pip install bitsandbytes; it needs a CUDA GPU), or choose optimizer.name=adamw"
+        )
 
 
 def _delete_key(merged: Any, item: str) -> None:
@@ -558,10 +623,35 @@ def refresh_schema() -> None:
 
 def validate_data(data: Any, source: str = "<config>") -> RunConfig:
     refresh_schema()
+    bools = _booleans_as_numbers(RunConfig, data, ())
+    if bools:
+        raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(bools))
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {format_validation_error(exc, data)}") from None
+
+
+def _booleans_as_numbers(model: Any, node: Any, loc: tuple[str, ...]) -> list[str]:
+    """``train.max_steps: true``: pydantic's lax mode reads a boolean as 1 for int and float fields; refuse it
+    (the rest of the schema stays lax: YAML lists for tuples, ints for floats). Follows nested models and unions."""
+    if not (isinstance(model, type) and issubclass(model, BaseModel) and isinstance(node, dict)):
+        return []
+    problems: list[str] = []
+    for key, value in node.items():
+        field = model.model_fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            continue
+        members = _members(field.annotation)
+        if isinstance(value, bool):
+            if bool not in members and any(m in (int, float) for m in members):
+                kind = "an integer" if int in members else "a number"
+                problems.append(
+                    f"{'.'.join((*loc, key))}: expected {kind}, got the boolean {str(value).lower()}."
+                )
+        else:
+            problems += _booleans_as_numbers(_resolve(field.annotation, value), value, (*loc, key))
+    return problems
 
 
 def resolved_yaml(cfg: RunConfig) -> str:

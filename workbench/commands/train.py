@@ -15,16 +15,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from workbench.config import ConfigError, load_config
-    from workbench.data import DataError
-    from workbench.models import ModelLoadError
+    from workbench.config import check_environment, load_config
     from workbench.train import TrainingError, train
 
+    cfg = load_config(args.config, args.overrides)  # config, data and model errors: workbench.cli prints them
+    check_environment(cfg)
     try:
-        cfg = load_config(args.config, args.overrides)
         run_dir = train(cfg, show_progress=not args.no_progress)
-    except (ConfigError, DataError, ModelLoadError, TrainingError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except TrainingError as exc:  # a run that cannot go on (non-finite losses...): a message, not a traceback
+        print(f"workbench train: error: {exc}", file=sys.stderr)
         return 2
     print(f"run finished: {run_dir}")
     return 0

@@ -1,9 +1,9 @@
-"""``workbench validate CONFIG [overrides]``: exit 0 when the config is valid, else name the bad key and exit 2."""
+"""``workbench validate CONFIG [overrides]``: exit 0 when the config is valid, else name the bad key and exit 2
+(the ``ConfigError`` is printed by ``workbench.cli``)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,13 +13,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from workbench.config import ConfigError, load_config, resolved_yaml
+    from workbench.config import check_environment, load_config, resolved_yaml
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    check_environment(cfg)
     if args.print:
         print(resolved_yaml(cfg), end="")
     else:

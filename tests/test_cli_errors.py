@@ -1,0 +1,155 @@
+"""Issue 14 part 3: every bad command-line input is one message on stderr and exit code 2, never a traceback;
+unexpected errors keep their traceback and say they are a bug."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from workbench.cli import main
+
+TOY = str(Path(__file__).resolve().parents[1] / "configs" / "toy" / "dpo.yaml")
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def assert_user_error(code: int, err: str, command: str, *needles: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    assert f"workbench {command}: error:" in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+# ----------------------------------------------------------------------------------------------- the CLI itself
+def test_user_error_is_one_message(capsys, tmp_path):
+    code, err = run(capsys, "validate", str(tmp_path / "missing.yaml"))
+    assert_user_error(code, err, "validate", "config file not found", "missing.yaml")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_os_error_names_the_path(capsys, monkeypatch, tmp_path):
+    from workbench.commands import ls
+
+    def boom(args):
+        (tmp_path / "nope" / "x.txt").read_text()
+
+    monkeypatch.setattr(ls, "main", boom)
+    code, err = run(capsys, "ls")
+    assert_user_error(code, err, "ls", str(tmp_path / "nope" / "x.txt"), "No such file or directory")
+    assert "[Errno" not in err
+
+
+def test_non_utf8_text_names_the_file(capsys, tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("model: {source: caf\xe9}\n".encode("latin-1"))
+    code, err = run(capsys, "validate", str(path))
+    assert_user_error(code, err, "validate", str(path), "UTF-8")
+
+
+def test_unexpected_error_keeps_the_traceback_and_says_bug(capsys, monkeypatch):
+    from workbench.commands import ls
+
+    def boom(args):
+        raise RuntimeError("kaput")
+
+    monkeypatch.setattr(ls, "main", boom)
+    code, err = run(capsys, "ls")
+    assert code == 1
+    assert "Traceback" in err and "RuntimeError: kaput" in err
+    assert "workbench ls: unexpected error (RuntimeError)" in err and "bug" in err and "report" in err
+
+
+def test_traceback_env_shows_user_error_traceback(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("WORKBENCH_TRACEBACK", "1")
+    code, err = run(capsys, "validate", str(tmp_path / "missing.yaml"))
+    assert code == 2 and "Traceback" in err and "workbench validate: error: config file not found" in err
+
+
+def test_overrides_after_flags(capsys):
+    """`validate CONFIG --print key=value`: argparse left the override over ("unrecognized arguments")."""
+    assert main(["validate", TOY, "--print", "train.max_steps=3", "run.name=after_flag"]) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 3" in out and "name: after_flag" in out
+    with pytest.raises(SystemExit) as exc:  # an unknown flag stays argparse's usage error (exit code 2)
+        main(["validate", TOY, "--bogus", "train.max_steps=3"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- config cases
+def test_yaml_syntax_error_names_file_line_and_column(capsys, tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("run:\n  name: x\n   seed: 1\n")
+    code, err = run(capsys, "validate", str(path))
+    assert_user_error(
+        code, err, "validate", f"{path}:3:8: YAML syntax error", "mapping values are not allowed"
+    )
+    path.write_text("train: {max_steps: [1\nmodel: x\n")
+    code, err = run(capsys, "validate", str(path))
+    assert_user_error(code, err, "validate", f"{path}:2:", "line 1, column 20")
+
+
+def test_override_that_is_not_yaml(capsys):
+    code, err = run(capsys, "validate", TOY, "train.max_steps=[")
+    assert_user_error(code, err, "validate", "override 'train.max_steps=['", "not valid YAML")
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.max_steps=true", "train.max_steps: expected an integer, got the boolean true"),
+        ("optimizer.lr=false", "optimizer.lr: expected a number, got the boolean false"),
+        ("objective.beta=true", "objective.beta: expected a number, got the boolean true"),
+    ],
+)
+def test_booleans_are_not_numbers(capsys, override, expected):
+    code, err = run(capsys, "validate", TOY, override)
+    assert_user_error(code, err, "validate", expected)
+
+
+def test_booleans_stay_booleans(capsys):
+    assert main(["validate", TOY, "run.deterministic=true", "train.scale_lr=false"]) == 0
+
+
+def test_noising_without_name_lists_the_choices(capsys):
+    code, err = run(capsys, "validate", TOY, "noising.eta=0.5")
+    assert_user_error(
+        code, err, "validate", "noising: needs a 'name'", "forward", "ddim_inversion", "~noising"
+    )
+
+
+def test_unknown_validation_scorer_is_refused(capsys):
+    code, err = run(capsys, "validate", TOY, "validation.scorers=[no_such_scorer]")
+    assert_user_error(
+        code, err, "validate", "'no_such_scorer' is not a registered scorer", "jpeg_compressibility"
+    )
+    assert "(got {" not in err  # no dump of the whole config
+    code, err = run(capsys, "validate", TOY, "validation.scorer_options={hpsv2: {path: x}}")
+    assert_user_error(code, err, "validate", "validation.scorer_options.hpsv2", "not in validation.scorers")
+    assert main(["validate", TOY, "validation.scorers=[jpeg_compressibility]"]) == 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")
+def test_adamw_8bit_without_bitsandbytes_is_refused_at_validate_time(capsys):
+    code, err = run(capsys, "validate", TOY, "optimizer.name=adamw_8bit")
+    assert_user_error(code, err, "validate", "bitsandbytes", "pip install '.[gpu]'", "optimizer.name=adamw")
+
+
+def test_decode_error_anywhere_names_the_file_being_read(capsys, monkeypatch, tmp_path):
+    from workbench.commands import ls
+
+    path = tmp_path / "captions.txt"
+    path.write_bytes(b"ok\n\xff\xfe broken\n")
+
+    def reads(args):
+        return len(path.read_text(encoding="utf-8"))
+
+    monkeypatch.setattr(ls, "main", reads)
+    code, err = run(capsys, "ls")
+    assert_user_error(code, err, "ls", f"{path}: not valid utf-8 text", "offset 3", "re-save it as UTF-8")
