@@ -92,9 +92,8 @@ class UserChoices:
     """One user's usable votes as choices over distinct (image, prompt) items."""
 
     items: list[tuple[str, str, Path]] = field(default_factory=list)  # (sha256, prompt, file)
-    choices: list[tuple[int, list[int]]] = field(
-        default_factory=list
-    )  # (chosen, [rejected, ...]) item indices
+    # (chosen, [rejected, ...]) as item indices
+    choices: list[tuple[int, list[int]]] = field(default_factory=list)
     groups: list[int] = field(default_factory=list)  # per choice: index of its vote among the used votes
     vote_ids: list[int] = field(default_factory=list)  # the used votes
     ks: list[int] = field(default_factory=list)  # K of each used vote
@@ -236,6 +235,12 @@ class UserScorerFit:
     def summary(self) -> str:
         names = self.scorer.feature_names
         excluded = ", ".join(f"{k} {v}" for k, v in sorted(self.excluded.items())) or "none"
+        anchor = self.scorer.info.get("anchor")
+        population = (
+            "population scorers (equal-weight z-score ensemble)"
+            if anchor is None
+            else f"population scorer {anchor}"
+        )
         lines = [
             f"**{self.user}**: personal scorer fitted on **{self.votes_used} votes** ({self.pairs} pairs); "
             f"not used: {excluded}",
@@ -243,7 +248,7 @@ class UserScorerFit:
             "| | agreement with your votes (95% interval) |",
             "|---|---|",
             f"| personal scorer (leave-one-vote-out) | {self.agreement.fmt()} |",
-            f"| population scorers (equal-weight z-score ensemble) | {self.population.fmt()} |",
+            f"| {population} | {self.population.fmt()} |",
             "",
             "| feature | population weight | your weight |",
             "|---|---|---|",
