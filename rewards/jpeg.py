@@ -43,8 +43,11 @@ class _JpegScorer(Scorer):
             raise ValueError(
                 f"{type(self).__name__} is not differentiable (PIL JPEG encoder); set differentiable=false"
             )
-        if not 1 <= int(quality) <= 100:
-            raise ValueError(f"quality={quality} must be in 1..100 (DDPO uses 95)")
+        if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+            raise ValueError(
+                f"{type(self).__name__}: quality={quality!r} must be an integer in 1..100 (DDPO uses 95), "
+                "e.g. jpeg_compressibility:quality=90"
+            )
         self.quality = int(quality)
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:

@@ -153,3 +153,86 @@ def test_decode_error_anywhere_names_the_file_being_read(capsys, monkeypatch, tm
     monkeypatch.setattr(ls, "main", reads)
     code, err = run(capsys, "ls")
     assert_user_error(code, err, "ls", f"{path}: not valid utf-8 text", "offset 3", "re-save it as UTF-8")
+
+
+# ------------------------------------------------------------------------------------------------ command cases
+@pytest.mark.parametrize(
+    ("seeds", "expected"),
+    [
+        ("5-1", "the range '5-1' is empty (it descends); write 1-5"),
+        ("-3", "cannot read '-3'"),
+        (",", "no seeds"),
+    ],
+)
+def test_bad_seeds(capsys, tmp_path, seeds, expected):
+    code, err = run(
+        capsys, "generate", "--prompt", "a red circle", f"--seeds={seeds}", "-o", str(tmp_path / "g")
+    )
+    assert_user_error(code, err, "generate", "--seeds", expected)
+    assert not (tmp_path / "g").exists()  # refused before anything is written
+
+
+def test_missing_prompt_set_file(capsys, tmp_path):
+    code, err = run(capsys, "generate", "--prompts", str(tmp_path / "nope.txt"), "-o", str(tmp_path / "g"))
+    assert_user_error(code, err, "generate", "prompt file", "nope.txt", "not found", "toy:heldout")
+
+
+def _image(folder: Path) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(folder / "a.png")
+    return folder
+
+
+def test_score_missing_or_non_utf8_prompts_file(capsys, tmp_path):
+    images = _image(tmp_path / "imgs")
+    code, err = run(
+        capsys,
+        "score",
+        str(images),
+        "--prompts-file",
+        str(tmp_path / "nope.txt"),
+        "--scorer",
+        "jpeg_compressibility",
+    )
+    assert_user_error(code, err, "score", f"--prompts-file {tmp_path / 'nope.txt'}: no such file")
+    bad = tmp_path / "prompts.txt"
+    bad.write_bytes(b"a red circle\ncaf\xe9\n")
+    code, err = run(
+        capsys, "score", str(images), "--prompts-file", str(bad), "--scorer", "jpeg_compressibility"
+    )
+    assert_user_error(code, err, "score", f"{bad}:2: not UTF-8")
+
+
+def test_scorer_option_of_the_wrong_type(capsys, tmp_path):
+    images = _image(tmp_path / "imgs")
+    code, err = run(
+        capsys, "score", str(images), "--prompt", "a", "--scorer", "jpeg_compressibility:quality=abc"
+    )
+    assert_user_error(code, err, "score", "quality='abc' must be an integer in 1..100")
+    code, err = run(
+        capsys, "score", str(images), "--prompt", "a", "--scorer", "jpeg_compressibility:quality=true"
+    )
+    assert_user_error(code, err, "score", "quality=True must be an integer")
+
+
+def test_export_takes_a_run_folder(capsys, tiny_fixtures: dict[str, Path], tmp_path):
+    """`export --checkpoint RUN` resolves RUN/final/lora as `generate -c RUN` does; an unfinished run says which
+    checkpoint to pass; a bad output path is refused before the base loads."""
+    from workbench.config import ModelSection
+    from workbench.models import save_lora, setup_training_components
+
+    base = str(tiny_fixtures["sdxl"])
+    comps = setup_training_components(ModelSection(source=base))
+    save_lora(comps.unet, tmp_path / "run" / "final" / "lora", "sdxl")
+    out = tmp_path / "merged.safetensors"
+    argv = ["export", base, str(out), "--checkpoint", str(tmp_path / "run"), "--dtype", "fp32"]
+    code, err = run(capsys, *argv)
+    assert_user_error(code, err, "export", "is a LoRA; pass --fuse-lora")
+    assert main([*argv, "--fuse-lora"]) == 0 and out.is_file()
+    (tmp_path / "unfinished" / "checkpoints" / "step_000002").mkdir(parents=True)
+    code, err = run(capsys, "export", base, str(out), "--checkpoint", str(tmp_path / "unfinished"))
+    assert_user_error(code, err, "export", "training run without final/", "step_000002")
+    code, err = run(capsys, "export", base, str(tmp_path), "--checkpoint", str(tmp_path / "run"))
+    assert_user_error(code, err, "export", "is a folder; pass a file path")

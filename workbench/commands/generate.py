@@ -95,7 +95,7 @@ def add_prompt_arguments(parser: argparse.ArgumentParser, *, default_set: str | 
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``"0-3,10"`` -> ``[0, 1, 2, 3, 10]`` (ranges inclusive)."""
+    """``"0-3,10"`` -> ``[0, 1, 2, 3, 10]`` (ranges inclusive; seeds are non-negative, a range ascends)."""
     seeds: list[int] = []
     for part in text.split(","):
         part = part.strip()
@@ -103,9 +103,14 @@ def parse_seeds(text: str) -> list[int]:
             continue
         lo, sep, hi = part.partition("-")
         try:
-            seeds.extend(range(int(lo), int(hi) + 1) if sep and lo else [int(part)])
+            first, last = (int(lo), int(hi)) if sep else (int(part), int(part))
         except ValueError:
-            raise ValueError(f"--seeds: cannot read {part!r}; use e.g. 0-9 or 0,3,7") from None
+            raise ValueError(
+                f"--seeds: cannot read {part!r}; use non-negative integers, e.g. 0-9 or 0,3,7"
+            ) from None
+        if first > last:
+            raise ValueError(f"--seeds: the range {part!r} is empty (it descends); write {last}-{first}")
+        seeds.extend(range(first, last + 1))
     if not seeds:
         raise ValueError("--seeds: no seeds given; use e.g. 0-9 or 0,3,7")
     return seeds

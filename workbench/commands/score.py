@@ -79,9 +79,19 @@ def collect_items(args: argparse.Namespace) -> tuple[list[dict[str, Any]], Path 
     if args.prompts_file:
         if prompts:
             raise ValueError("give --prompt or --prompts-file, not both")
-        prompts = [
-            line.rstrip("\n") for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
-        ]
+        prompts_file = Path(args.prompts_file)
+        if not prompts_file.is_file():
+            raise ValueError(
+                f"--prompts-file {args.prompts_file}: no such file; pass a text file with one prompt per line, "
+                "in the images' sorted path order"
+            )
+        try:
+            prompts = prompts_file.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            line = prompts_file.read_bytes()[: exc.start].count(b"\n") + 1
+            raise ValueError(
+                f"--prompts-file {prompts_file}:{line}: not UTF-8 text; re-save it as UTF-8"
+            ) from None
     if len(prompts) == 1:
         prompts = prompts * len(paths)
     if len(prompts) != len(paths):
