@@ -2,7 +2,7 @@
 ``configs/accelerate/cpu_2proc.yaml``) against the same work done by one process in this one.
 
 Two launches (each costs the imports of two fresh interpreters): ``workbench train``, then one launch whose
-processes run, through the command line's ``main``, the resume of its checkpoint, ``synth`` and ``eval``.
+processes run, through the command line's ``main``, ``synth``, ``eval`` and the resume of the first's checkpoint.
 
 * training: 2 processes x 2 groups give the weights (within floating-point tolerance) and the logged losses of 1
   process x 4 groups; the processes see disjoint groups whose union is the one-process batch; a checkpoint written
@@ -169,13 +169,14 @@ def _eval_args(space: dict[str, Path], runs: dict[str, Path], out: str) -> list[
 
 @pytest.fixture(scope="module")
 def launched(space: dict[str, Path], runs: dict[str, Path]) -> Path:
-    """The second launch: 2 processes resume the 2-process checkpoint, then run ``synth``, then ``eval``."""
+    """The second launch: 2 processes run ``synth``, ``eval``, then resume the 2-process checkpoint (training last:
+    its end, ``Accelerator.end_training``, takes down the process group)."""
     runner = space["root"] / "runner.py"
     runner.write_text(RUNNER)
     jobs = [
-        ["train", str(TINY), *_resume_args(space, runs, "resumed_two", PER_PROCESS), "--no-progress"],
         _synth_args(space, "synth_two"),
         _eval_args(space, runs, "eval_two"),
+        ["train", str(TINY), *_resume_args(space, runs, "resumed_two", PER_PROCESS), "--no-progress"],
     ]
     _launch([str(runner), json.dumps(jobs)], space["root"])
     return space["root"]
