@@ -98,6 +98,9 @@ def test_yaml_syntax_error_names_file_line_and_column(capsys, tmp_path):
 def test_override_that_is_not_yaml(capsys):
     code, err = run(capsys, "validate", TOY, "train.max_steps=[")
     assert_user_error(code, err, "validate", "override 'train.max_steps=['", "not valid YAML")
+    code, err = run(capsys, "validate", TOY, "run=${run}")
+    assert_user_error(code, err, "validate", "override 'run=${run}'", "cannot refer to the config")
+    assert "full_key" not in err
 
 
 @pytest.mark.parametrize(
@@ -236,3 +239,100 @@ def test_export_takes_a_run_folder(capsys, tiny_fixtures: dict[str, Path], tmp_p
     assert_user_error(code, err, "export", "training run without final/", "step_000002")
     code, err = run(capsys, "export", base, str(tmp_path), "--checkpoint", str(tmp_path / "run"))
     assert_user_error(code, err, "export", "is a folder; pass a file path")
+
+
+# --------------------------------------------------------------------------------------------- override fuzzing
+def _schema_paths() -> list[str]:
+    """Dotted paths of the run schema (every variant of every union, list items as index 0): real keys to fuzz."""
+    from pydantic import BaseModel
+
+    from workbench.config import RunConfig, _members, refresh_schema
+
+    refresh_schema()
+    out: list[str] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            path = f"{prefix}{name}"
+            out.append(path)
+            for member in _members(field.annotation):
+                if isinstance(member, type) and issubclass(member, BaseModel):
+                    walk(member, f"{path}.")
+                for arg in getattr(member, "__args__", ()):
+                    if isinstance(arg, type) and issubclass(arg, BaseModel):
+                        walk(arg, f"{path}.0.")
+
+    walk(RunConfig, "")
+    return sorted(set(out))
+
+
+def test_config_override_fuzz_never_shows_a_traceback(capsys):
+    """Random keys (real schema paths, near misses, junk) and YAML-ish values through `workbench validate`: the user
+    sees exit code 0 or one message with exit code 2, never a traceback (issue 14 part 3)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    paths = _schema_paths()
+    keys = st.one_of(
+        st.sampled_from(paths),
+        st.builds(
+            lambda p, s: p + s, st.sampled_from(paths), st.sampled_from([".x", ".0", "s", ".name", "..", ""])
+        ),
+        st.text(alphabet="abcxyz._0123~[]$@é ", min_size=0, max_size=12),
+    )
+    values = st.one_of(
+        st.sampled_from(
+            [
+                "true",
+                "no",
+                "null",
+                "~",
+                "[]",
+                "{}",
+                "[1, 2]",
+                "{name: x}",
+                "[",
+                "{a",
+                "'",
+                '"',
+                "${oops}",
+                "nan",
+                "-1",
+                "0",
+                "1e999",
+                "1e-9",
+                "forward",
+                "adamw_8bit",
+                "lora",
+                "sd15",
+                "random",
+                "[no_such_scorer]",
+                "{hpsv2: {path: x}}",
+                "é",
+                "",
+            ]
+        ),
+        st.integers(min_value=-(2**70), max_value=2**70).map(str),
+        st.floats(allow_nan=True, allow_infinity=True).map(str),
+        st.text(max_size=10),
+    )
+    override = st.one_of(
+        st.builds(lambda k, v: f"{k}={v}", keys, values),
+        st.builds(lambda k: f"~{k}", keys),
+        keys,
+    )
+
+    @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(override, min_size=1, max_size=4))
+    def check(overrides: list[str]) -> None:
+        try:
+            code = main(["validate", TOY, *overrides])
+        except (
+            SystemExit
+        ) as exc:  # argparse usage errors (an override that looks like a flag) exit 2 themselves
+            code = exc.code
+        err = capsys.readouterr().err
+        assert code in (0, 2), (overrides, err)
+        assert "Traceback" not in err, (overrides, err)
+
+    check()

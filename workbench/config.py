@@ -541,6 +541,12 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
                     f"override {item!r}: the value {raw!r} is not valid YAML ({problem}); quote it if it is text, "
                     "e.g. key='[a'"
                 ) from None
+            except OmegaConfBaseException as exc:  # ${...}: the value is read alone, without the config
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise ConfigError(
+                    f"override {item!r}: cannot read the value {raw!r} ({reason}); interpolations (${{...}}) "
+                    "in overrides cannot refer to the config; write the value itself"
+                ) from None
             try:
                 OmegaConf.update(merged, key, value, merge=False)
             except (TypeError, ValueError, IndexError, OmegaConfBaseException) as exc:
