@@ -336,3 +336,21 @@ def test_config_override_fuzz_never_shows_a_traceback(capsys):
         assert "Traceback" not in err, (overrides, err)
 
     check()
+
+
+def test_non_utf8_jsonl_row_is_skipped_and_reported_by_row(tmp_path):
+    """A pair JSONL with one Latin-1 row: that row is skipped with its file:line, the others are read (before: a
+    UnicodeDecodeError out of the reader, no row named)."""
+    from PIL import Image
+
+    from workbench.data import read_records
+
+    for name, colour in (("a.png", "red"), ("b.png", "blue")):
+        Image.new("RGB", (16, 16), colour).save(tmp_path / name)
+    good = '{"prompt": "p1", "image_0": "a.png", "image_1": "b.png", "prefer_0": 0, "prefer_1": 1}\n'
+    bad = '{"prompt": "caf\xe9", "image_0": "a.png", "image_1": "b.png", "prefer_0": 1, "prefer_1": 0}\n'
+    (tmp_path / "pairs.jsonl").write_bytes(good.encode() + bad.encode("latin-1") + good.encode())
+    records, report = read_records([{"format": "pair_jsonl", "path": str(tmp_path / "pairs.jsonl")}])
+    assert len(records) == 2
+    assert [rid for rid, _ in report.skipped] == ["pairs.jsonl:2"]
+    assert "not UTF-8" in report.skipped[0][1]

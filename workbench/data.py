@@ -184,12 +184,19 @@ def _soft_pref(s0: Any, s1: Any) -> tuple[bool, float] | None:
 def _read_jsonl(path: Path, report: ReadReport) -> Iterator[tuple[str, dict[str, Any]]]:
     if not path.is_file():
         raise DataError(f"{path}: no such file (data.sources[].path)")
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    with path.open("rb") as f:  # decoded line by line: one non-UTF-8 row is skipped, not the whole file
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             rid = f"{path.name}:{n}"
             report.total += 1
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                report.skip(
+                    rid, f"not UTF-8 text (byte {exc.start + 1} of the line); re-save the file as UTF-8"
+                )
+                continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
