@@ -354,3 +354,18 @@ def test_non_utf8_jsonl_row_is_skipped_and_reported_by_row(tmp_path):
     assert len(records) == 2
     assert [rid for rid, _ in report.skipped] == ["pairs.jsonl:2"]
     assert "not UTF-8" in report.skipped[0][1]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("p.txt", b"a red circle\ncaf\xe9\n", "p.txt:2: not UTF-8"),
+        ("p.jsonl", b'{"prompt": "a"}\n{"prompt": \n', "p.jsonl:2: not JSON"),
+        ("p.json", b'["a",\n "b"\n', "p.json:3:1: not JSON"),
+        ("p.tsv", b"Prompt\n\xff\n", "p.tsv:2: not UTF-8"),
+    ],
+)
+def test_bad_prompt_file_names_file_and_line(capsys, tmp_path, name, content, expected):
+    (tmp_path / name).write_bytes(content)
+    code, err = run(capsys, "generate", "--prompts", str(tmp_path / name), "-o", str(tmp_path / "g"))
+    assert_user_error(code, err, "generate", str(tmp_path / expected))

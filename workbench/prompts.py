@@ -14,6 +14,7 @@ A prompt-set spec is one of:
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -68,19 +69,39 @@ def read_prompt_file(path: str | Path) -> list[str]:
             return []
         column = next((c for c in ("Prompt", "prompt", "caption") if c in rows[0]), next(iter(rows[0])))
         return [r[column] for r in rows if r[column]]
+    text = _read_text(p)
     if suffix == ".jsonl":
         out = []
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
-                out.append(_prompt_of(json.loads(line), f"{p}:{n}"))
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(
+                        f'{p}:{n}: not JSON ({exc.msg}); each line is a string or {{"prompt": ...}}'
+                    ) from None
+                out.append(_prompt_of(item, f"{p}:{n}"))
         return out
     if suffix == ".json":
-        data = json.loads(p.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{p}:{exc.lineno}:{exc.colno}: not JSON ({exc.msg})") from None
         if not isinstance(data, list):
             raise ValueError(f"{p}: expected a JSON list of prompts")
         return [_prompt_of(x, f"{p}[{i}]") for i, x in enumerate(data)]
-    lines = (line.strip() for line in p.read_text(encoding="utf-8").splitlines())
+    lines = (line.strip() for line in text.splitlines())
     return [line for line in lines if line and not line.startswith("#")]
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text; a non-UTF-8 file is refused with its line (prompts are text the model reads)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text; re-save the prompt file as UTF-8") from None
 
 
 def _prompt_of(item: object, where: str) -> str:
@@ -94,5 +115,5 @@ def _prompt_of(item: object, where: str) -> str:
 
 
 def _read_tsv(path: Path) -> list[dict[str, str]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    text = _read_text(path)
+    return list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
