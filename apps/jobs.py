@@ -65,13 +65,15 @@ _START_LOCK = threading.Lock()  # two quick clicks start one job
 class JobOptions:
     """What a job trains on and how long; every field is shown in ``job.json``."""
 
-    steps: int = 100  # optimizer steps (train.max_steps)
+    steps: int = (
+        200  # optimizer steps (train.max_steps); the defaults are the toy recipe tests/test_app_loop.py chose
+    )
     min_margin: float = 1.0  # keep a synthetic pair when the personal scorer's margin exceeds this (log-odds)
     vote_repeat: int = 4  # each of the user's real pairs is written this many times (the up-weighting)
     samples: int = 4  # K samples per prompt in synth (all pairs of the K are candidates)
-    seed_groups: int = 1  # groups of K samples per prompt, each with its own seeds (more diverse pairs)
+    seed_groups: int = 4  # groups of K samples per prompt, each with its own seeds (more diverse pairs)
     broad_prompts: str | None = None  # prompt set added to the user's prompts (default: toy:train / parti)
-    broad_max: int = 64  # at most this many prompts of the broad set (a seeded sample)
+    broad_max: int = 60  # at most this many prompts of the broad set (a seeded sample)
     synth_steps: int | None = None  # sampler steps for the synthetic images (default: the app's)
     guidance: float | None = None  # (default: the app's)
     lr: float | None = None  # optimizer.lr override (default: the config's)
@@ -549,6 +551,13 @@ def job_panel(ctx: AppContext, user: Any, checkpoint_boxes: Sequence[Any] = ()) 
             samples = gr.Number(
                 value=d.samples, precision=0, minimum=2, label="samples per prompt", elem_id="job-samples"
             )
+            groups = gr.Number(
+                value=d.seed_groups,
+                precision=0,
+                minimum=1,
+                label="seed groups per prompt",
+                elem_id="job-groups",
+            )
             broad = gr.Number(
                 value=d.broad_max, precision=0, minimum=0, label="broad prompts", elem_id="job-prompts"
             )
@@ -574,13 +583,14 @@ def job_panel(ctx: AppContext, user: Any, checkpoint_boxes: Sequence[Any] = ()) 
     outputs = [status, table, *checkpoint_boxes]
 
     @_guard
-    def on_start(name, n_steps, min_margin, n_repeat, k, n_broad, request: gr.Request):
+    def on_start(name, n_steps, min_margin, n_repeat, k, n_groups, n_broad, request: gr.Request):
         try:
             options = JobOptions(
                 steps=int(n_steps),
                 min_margin=float(min_margin),
                 vote_repeat=int(n_repeat),
                 samples=int(k),
+                seed_groups=int(n_groups),
                 broad_max=int(n_broad),
             )
         except (TypeError, ValueError):
@@ -590,7 +600,7 @@ def job_panel(ctx: AppContext, user: Any, checkpoint_boxes: Sequence[Any] = ()) 
 
     start.click(
         on_start,
-        [user, steps, margin, repeat, samples, broad],
+        [user, steps, margin, repeat, samples, groups, broad],
         outputs,
         api_name="job_start",
         show_progress="minimal",

@@ -237,7 +237,12 @@ def test_browser_fits_the_scorer_runs_a_job_and_compares_its_lora(job_app: tuple
         expect(status).to_contain_text("no personal fine-tune for bob yet", timeout=WAIT)  # the timer polls
         page.locator("#personal-fit").click()
         expect(page.locator("#personal-fit-summary")).to_contain_text("4 votes", timeout=WAIT)
-        for field, value in (("job-steps", "2"), ("job-samples", "2"), ("job-prompts", "1")):
+        for field, value in (
+            ("job-steps", "2"),
+            ("job-samples", "2"),
+            ("job-groups", "1"),
+            ("job-prompts", "1"),
+        ):
             page.locator(f"#{field} input").fill(value)
         page.locator("#job-start").click()
         expect(status).to_contain_text("job ", timeout=WAIT)

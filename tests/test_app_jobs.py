@@ -195,7 +195,7 @@ def test_a_failing_job_shows_its_message(tmp_path: Path):
     ctx = _ctx(tmp_path)
     _fit(ctx)
     (tmp_path / "app" / "users" / USER / "scorer.json").write_text('{"format": "something else"}')
-    view = start_job(ctx, USER, JobOptions(steps=1, broad_max=0, samples=2))
+    view = start_job(ctx, USER, JobOptions(steps=1, broad_max=0, samples=2, seed_groups=1))
     view = wait_for(jobs_dir(ctx, USER) / view.job_id, timeout=300, poll=0.5)
     assert view.phase == "failed"
     assert "refit and save again" in (view.error or "") or "refit and save again" in view.log_tail
@@ -206,7 +206,9 @@ def test_a_short_real_job_trains_and_a_restarted_server_offers_it(tmp_path: Path
     """Two steps on the committed toy pipeline through the real driver (votes -> synth -> train)."""
     ctx = _ctx(tmp_path)
     _fit(ctx)
-    options = JobOptions(steps=2, broad_max=1, samples=2, min_margin=0.0, vote_repeat=2, batch_size=2)
+    options = JobOptions(
+        steps=2, broad_max=1, samples=2, seed_groups=2, min_margin=0.0, vote_repeat=2, batch_size=2
+    )
     view = start_job(ctx, USER, options)
     job_dir = jobs_dir(ctx, USER) / view.job_id
     view = wait_for(job_dir, timeout=600, poll=0.5)
@@ -215,6 +217,10 @@ def test_a_short_real_job_trains_and_a_restarted_server_offers_it(tmp_path: Path
     assert view.counts["your_pairs"] == 4 and view.counts["repeat"] == 2
     assert len((job_dir / "votes" / "weighted.jsonl").read_text().splitlines()) == 8
     assert (job_dir / "run" / "final" / "COMPLETE").is_file()
+    assert sorted(p.name for p in (job_dir / "synth").iterdir()) == [
+        "g0",
+        "g1",
+    ]  # one synth run per seed group
     assert json.loads((job_dir / "job.json").read_text())["options"]["steps"] == 2
 
     restarted = _ctx(tmp_path)  # a new server on the same store: the job is found on disk
