@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: venv test lint typecheck pytest demo clean chromium
+.PHONY: venv test test-slow lint typecheck pytest demo clean chromium
 
 # Created once and reused; torch is installed first so that pip never resolves a bare `torch` (multi-GB build).
 $(BIN)/.installed: pyproject.toml
@@ -34,6 +34,12 @@ pytest: venv chromium
 	$(BIN)/pytest -q --durations=10
 
 test: lint typecheck pytest
+
+# The app's whole personal loop on the toy world (tests/test_app_loop.py: votes -> personal scorer -> background
+# fine-tune -> blind before/after); marked slow (minutes on two CPU cores), so `make test` leaves it out and CI runs it
+# here.
+test-slow: venv
+	$(BIN)/pytest -q -m slow tests/test_app_loop.py
 
 demo: venv
 	$(BIN)/workbench demo
