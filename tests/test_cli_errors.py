@@ -138,6 +138,17 @@ def test_unknown_validation_scorer_is_refused(capsys):
     assert main(["validate", TOY, "validation.scorers=[jpeg_compressibility]"]) == 0
 
 
+def test_resume_path_that_does_not_exist_is_refused_before_loading(capsys, tmp_path):
+    code, err = run(capsys, "validate", TOY, "train.resume=lastest")
+    assert_user_error(
+        code, err, "validate", "train.resume: lastest is not a folder", "Did you mean train.resume=latest?"
+    )
+    code, err = run(capsys, "train", TOY, f"train.resume={tmp_path / 'nope'}", f"run.output_dir={tmp_path}")
+    assert_user_error(code, err, "train", "is not a folder", "step_000500")
+    assert "Did you mean" not in err and not any(tmp_path.iterdir())  # refused before the run folder exists
+    assert main(["validate", TOY, "train.resume=latest"]) == 0
+
+
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")
 def test_adamw_8bit_without_bitsandbytes_is_refused_at_validate_time(capsys):
     code, err = run(capsys, "validate", TOY, "optimizer.name=adamw_8bit")
@@ -173,6 +184,14 @@ def test_bad_seeds(capsys, tmp_path, seeds, expected):
     )
     assert_user_error(code, err, "generate", "--seeds", expected)
     assert not (tmp_path / "g").exists()  # refused before anything is written
+
+
+def test_generate_output_that_is_a_file_or_under_one(capsys, tmp_path):
+    (tmp_path / "taken").write_text("x")
+    code, err = run(capsys, "generate", "--prompt", "a", "-o", str(tmp_path / "taken"))
+    assert_user_error(code, err, "generate", f"-o {tmp_path / 'taken'} is a file; pass a folder")
+    code, err = run(capsys, "generate", "--prompt", "a", "-o", str(tmp_path / "taken" / "sub"))
+    assert_user_error(code, err, "generate", str(tmp_path / "taken"))
 
 
 def test_missing_prompt_set_file(capsys, tmp_path):

@@ -586,6 +586,14 @@ def check_environment(cfg: RunConfig) -> None:
             "optimizer.name=adamw_8bit needs bitsandbytes, which is not installed: pip install '.[gpu]' "
             "(or pip install bitsandbytes; it needs a CUDA GPU), or choose optimizer.name=adamw"
         )
+    resume = cfg.train.resume
+    if resume and resume != "latest" and not Path(resume).is_dir():
+        hint = "latest" if difflib.get_close_matches(resume, ["latest"], n=1, cutoff=0.6) else None
+        did = "Did you mean train.resume=latest? " if hint else ""
+        raise ConfigError(
+            f"train.resume: {resume} is not a folder. {did}Give train.resume=latest (the newest complete checkpoint "
+            f"of {cfg.run_dir}) or a checkpoint folder such as {cfg.run_dir / 'checkpoints' / 'step_000500'}"
+        )
 
 
 def _delete_key(merged: Any, item: str) -> None:

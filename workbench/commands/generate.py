@@ -192,7 +192,11 @@ def main(args: argparse.Namespace) -> int:
         parse_checkpoints(args.checkpoints or ["base"]), args.negative, args.negative_merge
     )
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"-o {out} is a file; pass a folder for the images and manifest.jsonl")
+    out.mkdir(
+        parents=True, exist_ok=True
+    )  # before the model loads: a bad folder fails fast, named by workbench.cli
     items = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
     manifest = out / "manifest.jsonl"
     n = 0
