@@ -341,7 +341,12 @@ def test_config_override_fuzz_never_shows_a_traceback(capsys):
         keys,
     )
 
-    @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=100,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )
     @given(st.lists(override, min_size=1, max_size=4))
     def check(overrides: list[str]) -> None:
         try:
