@@ -9,7 +9,11 @@ import pytest
 from workbench.cli import main as cli_main
 from workbench.config import ConfigError, load_config
 
-CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs").rglob("*.yaml"))
+CONFIGS = sorted(
+    p
+    for p in Path(__file__).parents[1].joinpath("configs").rglob("*.yaml")
+    if "accelerate" not in p.parts  # accelerate launch configs, not run configs (tests/test_multiprocess.py)
+)
 
 
 def test_configs_are_found():

@@ -24,7 +24,7 @@ def test_typo_in_a_variant_names_the_variant_and_its_keys(capsys: pytest.Capture
     err = capsys.readouterr().err
     assert "optimizer.lrr: unknown key for optimizer 'adamw'." in err
     assert "Did you mean 'optimizer.lr'?" in err
-    assert "Allowed keys for adamw: name, lr, weight_decay, betas, eps." in err
+    assert "Allowed keys for adamw: name, lr, weight_decay, betas, eps, implementation." in err
 
 
 def test_switching_variant_by_override_says_which_key_is_left_over_and_how_to_fix_it():
