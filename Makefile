@@ -36,8 +36,7 @@ pytest: venv chromium
 test: lint typecheck pytest
 
 # The app's whole personal loop on the toy world (tests/test_app_loop.py: votes -> personal scorer -> background
-# fine-tune -> blind before/after); marked slow (minutes on two CPU cores), so `make test` leaves it out and CI runs it
-# here.
+# fine-tune -> blind before/after); marked slow (about 10 minutes on two CPU cores), so `make test` leaves it out.
 test-slow: venv
 	$(BIN)/pytest -q -m slow tests/test_app_loop.py
 
