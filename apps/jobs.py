@@ -219,7 +219,9 @@ def _alive(pid: int | None, job_dir: Path) -> bool:
     if not pid:
         return False
     child = _CHILDREN.get(pid)
-    if child is not None and child.poll() is not None:
+    if child is not None:  # started by this server: its Popen knows (even before the child's exec)
+        if child.poll() is None:
+            return True
         _CHILDREN.pop(pid, None)
         return False
     try:
@@ -235,7 +237,7 @@ def _alive(pid: int | None, job_dir: Path) -> bool:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except (OSError, IndexError):
             return False
-        return state != "Z" and str(job_dir) in cmdline
+        return state != "Z" and str(Path(job_dir).resolve()) in cmdline  # the driver gets the resolved path
     return True
 
 

@@ -238,3 +238,45 @@ def test_cancel_of_a_finished_job_changes_nothing(tmp_path: Path):
     assert cancel_job(ctx, USER, job_dir.name).phase == "done"
     with pytest.raises(InputError, match="no job"):
         cancel_job(ctx, USER, "nope")
+
+
+def test_a_running_job_under_a_relative_store_path_is_alive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The app's default ``db`` is relative (runs/app/votes.sqlite); the driver gets the job folder's resolved path."""
+    monkeypatch.chdir(tmp_path)
+    settings = AppSettings(db="app/votes.sqlite", cache_dir=str(tmp_path / "cache"), runs_dir=None, seed=3)
+    ctx = AppContext(settings, renderer=FakeRenderer(["base"]))
+    job_dir = _fake_job(ctx)
+    assert not job_dir.is_absolute()
+    child = _sleeper(job_dir.resolve())  # as start_job passes it
+    try:
+        update_status(job_dir, phase="synth", pid=child.pid, started=time.time())
+        time.sleep(0.5)  # past the child's exec
+        view = read_job(job_dir)
+        assert view.phase == "synth" and view.alive
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_child_just_started_counts_as_alive_before_its_exec(tmp_path: Path):
+    """Right after Popen the child's command line may still be the server's; the Popen handle decides (this race once
+    marked a fresh job failed)."""
+    from apps import jobs
+
+    ctx = _ctx(tmp_path)
+    job_dir = _fake_job(ctx)
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(30)"]
+    )  # no job folder in its argv
+    jobs._CHILDREN[child.pid] = child
+    try:
+        update_status(job_dir, phase="queued", pid=child.pid, started=time.time())
+        view = read_job(job_dir)
+        assert view.phase == "queued" and view.alive
+        child.kill()
+        child.wait()
+        assert read_job(job_dir).phase == "failed"  # and once it is gone, it is reported
+    finally:
+        jobs._CHILDREN.pop(child.pid, None)
+        if child.poll() is None:
+            child.kill()
