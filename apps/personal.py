@@ -48,7 +48,7 @@ from apps.handlers import (
     round_view,
     sampling,
 )
-from apps.store import Vote
+from apps.store import EVAL_SOURCE, Vote  # EVAL_SOURCE: blind before/after rounds, never fitted on
 from rewards.personal import (
     PersonalScorer,
     fit_bradley_terry,
@@ -63,7 +63,6 @@ from workbench.stats import Interval, wilson_interval
 MIN_VOTES = 4  # usable votes before a scorer is fitted (and before active selection replaces random pairs)
 SCORER_FILE = "scorer.json"
 TEACH_SOURCE = "personalise"  # rounds shown to teach the personal scorer
-EVAL_SOURCE = "beforeafter"  # blind before/after rounds: the evaluation set, never fitted on
 NO_PREFERENCE = ("tie", "both_bad", "skip")
 _SAFE_USER = re.compile(r"^[A-Za-z0-9_.@+ -]{1,64}$")
 

@@ -54,6 +54,17 @@ UI_VERSION = "1"
 Outcome = Literal["best", "rank", "tie", "both_bad", "skip"]
 OUTCOMES: tuple[str, ...] = ("best", "rank", "tie", "both_bad", "skip")
 EXPORT_FORMATS: tuple[str, ...] = ("pickapic", "pairs", "rankings")
+#: Round source of the Personalise tab's blind before/after rounds: the evaluation set. Its votes measure a fine-tune
+#: and are never training data (exports, ``app_votes`` sources and the personal fine-tune leave them out).
+EVAL_SOURCE = "beforeafter"
+
+
+def training_votes(store: VoteStore, user_id: str | None = None) -> tuple[list[Vote], int]:
+    """The active votes that may become training data, and how many evaluation votes were left out."""
+    votes = store.votes(user_id=user_id)
+    kept = [v for v in votes if v.round.source != EVAL_SOURCE]
+    return kept, len(votes) - len(kept)
+
 
 #: Ordered schema migrations: ``MIGRATIONS[i]`` upgrades a database from ``user_version == i`` to ``i + 1``.
 MIGRATIONS: tuple[str, ...] = (
@@ -638,8 +649,10 @@ def export_votes(
         raise StoreError(f"export format(s) {unknown} unknown; use {', '.join(EXPORT_FORMATS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    votes = store.votes(user_id=user_id)
+    votes, held_out = training_votes(store, user_id)
     result = ExportResult(votes=len(votes))
+    if held_out:
+        result.skipped["blind before/after (evaluation, never exported)"] = held_out
     pairs = [p for v in votes for p in expand_pairs(v)]
     result.pairs = len(pairs)
     result.ties = sum(1 for p in pairs if p.label_first == 0.5)

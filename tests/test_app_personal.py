@@ -330,6 +330,14 @@ def test_blind_win_rate_counts_ties_apart_with_a_wilson_interval(tmp_path: Path)
     text, (lora, baseline) = before_after_report(ctx, a="lora", b="base", baseline_n=8, user="v")
     assert lora.wins == 7 and baseline.a == baseline_arm("base", 8) and baseline.wins + baseline.losses == 0
     assert "0.778 [0.453, 0.937]" in text and not math.isnan(lora.rate.low)
+    # the evaluation set never becomes training data: not in exports, not in an app_votes source
+    from apps.store import export_votes
+    from workbench.data import ReadReport, read_app_votes
+
+    exported = export_votes(ctx.store, tmp_path / "export", formats=["pairs"])
+    assert exported.votes == 0 and exported.pairs == 0
+    assert exported.skipped["blind before/after (evaluation, never exported)"] == 11
+    assert list(read_app_votes(ctx.store.path, ReadReport())) == []
 
 
 # ---------------------------------------------------------------------------------------------------- the tab

@@ -335,14 +335,17 @@ def read_app_votes(
     """The vote store of ``workbench app`` (SQLite), read in place: its active votes (undone ones left out) expanded
     into pairs exactly as its Pick-a-Pic export is (:func:`apps.store.expand_pairs`: best-of-K gives the best over
     each other image, a ranking all its pairs, a tie pairs at 0.5; both-bad and skip give none)."""
-    from apps.store import VoteStore, expand_pairs
+    from apps.store import VoteStore, expand_pairs, training_votes
 
     db = Path(path)
     if not db.is_file():
         raise DataError(f"{db}: no vote store there (data.sources[].path of an app_votes source)")
     if labels != "human":
         raise DataError(f"{db}: labels: {labels} does not apply to app_votes (the votes are the labels)")
-    for vote in VoteStore(db).votes():
+    votes, _ = training_votes(
+        VoteStore(db)
+    )  # blind before/after votes are the evaluation set: never trained on
+    for vote in votes:
         for pair in expand_pairs(vote):
             rid = f"{db.name}:vote{vote.vote_id}:{pair.first}-{pair.second}"
             report.total += 1
