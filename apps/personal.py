@@ -526,25 +526,53 @@ def next_teaching_pair(
         i, j, p, bits = most_informative_pair(fit, feats)
         how = {"selection": "bald", "p_first": p, "info_bits": bits, "votes_before": fit.votes, "pool": pool}
         note = f"most informative of {pool * (pool - 1) // 2} pairs: P(first) = {p:.2f}, {bits:.2f} bits expected"
+    arms = [(None, checkpoint, seeds[idx], images[idx], how) for idx in (i, j)]
+    return _record_round(
+        ctx,
+        user=user,
+        text=text,
+        arms=arms,
+        cfg=cfg,
+        source=TEACH_SOURCE,
+        blind=False,
+        message=f"{note}. Press 1 or 2 (t tie, s skip, u undo)",
+        session_id=session_id,
+    )
+
+
+def _record_round(
+    ctx: AppContext,
+    *,
+    user: str,
+    text: str,
+    arms: Sequence[
+        tuple[str | None, str, int, np.ndarray, dict[str, Any]]
+    ],  # (arm, checkpoint, seed, image, extra)
+    cfg: Any,
+    source: str,
+    blind: bool,
+    message: str,
+    session_id: str | None,
+) -> tuple[ArenaState, RoundView]:
+    """Store the images and a round of the Personalise tab (teaching or blind before/after), in a shuffled display
+    order; ``arm`` (when given) names the slot's identity, revealed after the vote."""
     items = []
-    for idx in (i, j):
-        params = {**generation_params(ctx, checkpoint, text, seeds[idx], cfg, images[idx]), **how}
-        sha = ctx.store.add_image(png_bytes(images[idx]), {**params, "prompt": text})
-        items.append((sha, params))
-    order = ctx.draw(lambda r: r.sample(range(2), 2))
+    for arm, checkpoint, seed, image, extra in arms:
+        params = {**generation_params(ctx, checkpoint, text, seed, cfg, image), **extra}
+        if arm is not None:
+            params["arm"] = arm
+        items.append((ctx.store.add_image(png_bytes(image), {**params, "prompt": text}), params))
+    order = ctx.draw(lambda r: r.sample(range(len(items)), len(items)))
     rnd = ctx.store.new_round(
         user_id=user,
         prompt=text,
         items=items,
         display_order=order,
-        source=TEACH_SOURCE,
+        blind=blind,
+        source=source,
         session_id=session_id,
     )
-    state = ArenaState(
-        round_id=rnd.round_id,
-        shown_at=time.monotonic(),
-        message=f"{note}. Press 1 or 2 (t tie, s skip, u undo)",
-    )
+    state = ArenaState(round_id=rnd.round_id, shown_at=time.monotonic(), message=message)
     return state, round_view(ctx, rnd, state)
 
 
@@ -562,35 +590,14 @@ def _heldout_prompt(ctx: AppContext, user: str, prompt: str | None, prompt_set: 
     return check_prompt(ctx, ctx.draw(lambda r: r.choice(pool)))
 
 
-def _blind_round(
-    ctx: AppContext,
-    *,
-    user: str,
-    text: str,
-    arms: Sequence[tuple[str, str, int, np.ndarray, dict[str, Any]]],  # (arm, checkpoint, seed, image, extra)
-    cfg: Any,
-    session_id: str | None,
-) -> tuple[ArenaState, RoundView]:
-    items = []
-    for arm, checkpoint, seed, image, extra in arms:
-        params = {**generation_params(ctx, checkpoint, text, seed, cfg, image), "arm": arm, **extra}
-        items.append((ctx.store.add_image(png_bytes(image), {**params, "prompt": text}), params))
-    order = ctx.draw(lambda r: r.sample(range(len(items)), len(items)))
-    rnd = ctx.store.new_round(
-        user_id=user,
-        prompt=text,
-        items=items,
-        display_order=order,
-        blind=True,
+def _blind(ctx: AppContext, **kwargs: Any) -> tuple[ArenaState, RoundView]:
+    return _record_round(
+        ctx,
         source=EVAL_SOURCE,
-        session_id=session_id,
-    )
-    state = ArenaState(
-        round_id=rnd.round_id,
-        shown_at=time.monotonic(),
+        blind=True,
         message="blind: which do you prefer? press 1 or 2 (t tie, b both bad, s skip); names shown after the vote",
+        **kwargs,
     )
-    return state, round_view(ctx, rnd, state)
 
 
 def new_blind_round(
@@ -619,7 +626,7 @@ def new_blind_round(
     cfg = sampling(ctx, sampler, steps, guidance)
     seed = ctx.draw(lambda r: r.randrange(2**31))
     arms = [(n, n, seed, ctx.renderer.render(n, [text], [seed], cfg, progress)[0], {}) for n in (a, b)]
-    return _blind_round(ctx, user=user, text=text, arms=arms, cfg=cfg, session_id=session_id)
+    return _blind(ctx, user=user, text=text, arms=arms, cfg=cfg, session_id=session_id)
 
 
 def baseline_arm(checkpoint: str, n: int) -> str:
@@ -671,7 +678,7 @@ def new_baseline_round(
         ),
         (checkpoint, checkpoint, seeds[0], images[0], {}),
     ]
-    return _blind_round(ctx, user=user, text=text, arms=arms, cfg=cfg, session_id=session_id)
+    return _blind(ctx, user=user, text=text, arms=arms, cfg=cfg, session_id=session_id)
 
 
 @dataclass
