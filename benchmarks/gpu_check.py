@@ -154,7 +154,7 @@ class Models:
 
 def build_models(tiny: bool, device: torch.device, workdir: Path) -> Models:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     if tiny:
         from workbench.tiny import TinySpec, build_tiny_components
@@ -172,19 +172,7 @@ def build_models(tiny: bool, device: torch.device, workdir: Path) -> Models:
     tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
 
     def clip(hidden: int, ffn: int, layers: int, heads: int, act: str) -> Any:
-        return CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden,
-            intermediate_size=ffn,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            max_position_embeddings=77,
-            projection_dim=hidden,
-            hidden_act=act,
-            bos_token_id=len(tokenizer) - 2,
-            eos_token_id=len(tokenizer) - 1,
-            pad_token_id=len(tokenizer) - 1,
-        )
+        return clip_text_config(hidden, ffn, layers, heads, act, vocab_size=len(tokenizer))
 
     torch.manual_seed(0)
     with device:  # initialised on the device: seconds instead of minutes on the host
@@ -192,6 +180,28 @@ def build_models(tiny: bool, device: torch.device, workdir: Path) -> Models:
         te1 = CLIPTextModel(clip(768, 3072, 12, 12, "quick_gelu"))  # CLIP ViT-L/14 text tower
         te2 = CLIPTextModelWithProjection(clip(1280, 5120, 32, 20, "gelu"))  # OpenCLIP ViT-bigG/14 text tower
     return Models(vae, te1, te2, tokenizer, EulerDiscreteScheduler(**SDXL_SCHEDULER), dict(SDXL_UNET), 1024)
+
+
+def clip_text_config(
+    hidden: int, ffn: int, layers: int, heads: int, act: str, *, vocab_size: int = CLIP_VOCAB
+) -> Any:
+    """A CLIP text tower's config (SDXL: ViT-L/14 768 / 3072 / 12 / 12 quick_gelu, bigG 1280 / 5120 / 32 / 20 gelu)
+    over the CLIP BPE vocabulary (the last two ids are the start and end tokens)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        hidden_act=act,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
 
 
 def n_params(module: torch.nn.Module) -> float:

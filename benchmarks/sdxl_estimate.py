@@ -54,19 +54,8 @@ def _flash_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, *
 def build(lora: bool) -> dict[str, Any]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from gpu_check import SDXL_UNET, SDXL_VAE
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    def clip(hidden: int, ffn: int, layers: int, heads: int, act: str) -> Any:
-        return CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=hidden,
-            intermediate_size=ffn,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            max_position_embeddings=77,
-            projection_dim=hidden,
-            hidden_act=act,
-        )
+    from gpu_check import clip_text_config as clip
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SDXL_UNET)
