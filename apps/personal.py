@@ -504,10 +504,7 @@ def next_teaching_pair(
         raise InputError(f"candidate pool: between 2 and {ctx.settings.max_seeds} images, got {pool}")
     if selection not in ("bald", "random"):
         raise InputError(f"selection must be 'bald' or 'random', got {selection!r}")
-    if checkpoint not in ctx.renderer.names():
-        raise InputError(
-            f"checkpoint {checkpoint!r} is not loaded; choose one of {', '.join(ctx.renderer.names())}"
-        )
+    _check_loaded(ctx, checkpoint)
     text = check_prompt(ctx, prompt, prompt_set)
     cfg = sampling(ctx, sampler, steps, guidance)
     seeds = ctx.draw(lambda r: r.sample(range(2**31), pool))
@@ -538,6 +535,13 @@ def next_teaching_pair(
         message=f"{note}. Press 1 or 2 (t tie, s skip, u undo)",
         session_id=session_id,
     )
+
+
+def _check_loaded(ctx: AppContext, *checkpoints: str) -> None:
+    names = ctx.renderer.names()
+    for name in checkpoints:
+        if name not in names:
+            raise InputError(f"checkpoint {name!r} is not loaded; choose one of {', '.join(names)}")
 
 
 def _record_round(
@@ -616,10 +620,7 @@ def new_blind_round(
 ) -> tuple[ArenaState, RoundView]:
     """Checkpoint ``a`` against ``b`` on one prompt and one seed (identical initial noise), shuffled, names hidden
     until the vote; the prompt is typed or drawn from ``prompt_set`` among those the user never voted on."""
-    names = ctx.renderer.names()
-    for x in (a, b):
-        if x not in names:
-            raise InputError(f"checkpoint {x!r} is not loaded; choose one of {', '.join(names)}")
+    _check_loaded(ctx, a, b)
     if a == b:
         raise InputError("choose two different checkpoints for a before/after round")
     text = _heldout_prompt(ctx, user, prompt, prompt_set)
@@ -654,10 +655,7 @@ def new_baseline_round(
     n = int(n)
     if not 2 <= n <= ctx.settings.max_seeds:
         raise InputError(f"best-of-N: N between 2 and {ctx.settings.max_seeds}, got {n}")
-    if checkpoint not in ctx.renderer.names():
-        raise InputError(
-            f"checkpoint {checkpoint!r} is not loaded; choose one of {', '.join(ctx.renderer.names())}"
-        )
+    _check_loaded(ctx, checkpoint)
     scorer = load_user_scorer(ctx, user)
     text = _heldout_prompt(ctx, user, prompt, prompt_set)
     cfg = sampling(ctx, sampler, steps, guidance)
