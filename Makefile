@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: venv test test-slow lint typecheck pytest demo clean chromium
+.PHONY: venv test test-faults test-slow lint typecheck pytest demo clean chromium
 
 # Created once and reused; torch is installed first so that pip never resolves a bare `torch` (multi-GB build).
 $(BIN)/.installed: pyproject.toml
@@ -39,6 +39,11 @@ test: lint typecheck pytest
 # fine-tune -> blind before/after); marked slow (about 10 minutes on two CPU cores), so `make test` leaves it out.
 test-slow: venv
 	$(BIN)/pytest -q -m slow tests/test_app_loop.py
+
+# Fault-injection and load tests (issue 14: kills during training, disk faults, votes under load with a server kill);
+# each takes over a minute, so they run here and not in `make test`. .ci/run calls both targets.
+test-faults: venv
+	$(BIN)/pytest -q -m faults --durations=10 tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]  # 5: none collected
 
 demo: venv
 	$(BIN)/workbench demo
