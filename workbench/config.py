@@ -255,11 +255,25 @@ class TrainSection(_Strict):
     checkpoint_every: int = Field(default=500, ge=1)
     keep_last: int = Field(default=3, ge=1, description="Checkpoints kept; older ones are deleted.")
     resume: str | None = Field(default=None, description="'latest' or a checkpoint directory.")
+    overwrite: bool = Field(
+        default=False,
+        description="Train into a run directory that already holds a run (final/, checkpoints/ or metrics.jsonl): "
+        "its outputs are removed first (see workbench.rundir.RUN_OUTPUTS). Without it such a run is refused.",
+    )
     max_nonfinite_steps: int = Field(
         default=5, ge=1, description="Stop after this many non-finite losses in a row."
     )
     log_every: int = Field(default=1, ge=1)
     num_workers: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _resume_or_overwrite(self) -> TrainSection:
+        if self.resume and self.overwrite:
+            raise ValueError(
+                "train.resume and train.overwrite=true contradict each other (continue the run, or replace it); "
+                "give one of them"
+            )
+        return self
 
 
 class ValidationSection(_Strict):
