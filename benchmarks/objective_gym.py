@@ -23,6 +23,7 @@ Usage::
     python benchmarks/objective_gym.py --rows diffusion_dpo --out runs/gym   # a subset; finished rows are reused
     python benchmarks/objective_gym.py --negative           # + the NPO / Self-NPO guidance rows
     python benchmarks/objective_gym.py --ranked             # + RankDPO vs DPO on best/worst of the same rankings
+    python benchmarks/objective_gym.py --ranked-sweep --splits val   # RankDPO's recipe space, validation only
 
 Rows name their target reward and guard-rail, their data builder (:data:`DATA`), and, for evaluation-only rows,
 which trained rows they render (``positive`` weights, a ``negative`` model in CFG's unconditional branch); rows they
@@ -304,6 +305,119 @@ ROWS: dict[str, Row] = {
         target=GUARD,
         guard=TARGET,
     ),
+    # The recipe space (issue 10), each a variation of "rankdpo ranked 100 steps" (the validation choice above),
+    # compared on the validation split only (``--splits val``); the held-out table reads only the chosen recipe.
+    "rankdpo ranked 50 steps": Row(
+        "configs/toy/rankdpo.yaml",
+        ("train.max_steps=50",),
+        data="ranked",
+        note="RankDPO, 50 steps",
+        group="ranked sweep",
+        target=GUARD,
+        guard=TARGET,
+    ),
+    "rankdpo ranked beta 500": Row(
+        "configs/toy/rankdpo.yaml",
+        ("objective.beta=500",),
+        data="ranked",
+        note="RankDPO, beta 500 (a weaker pull towards the reference's errors), 100 steps",
+        group="ranked sweep",
+        target=GUARD,
+        guard=TARGET,
+    ),
+    "rankdpo ranked beta 8000": Row(
+        "configs/toy/rankdpo.yaml",
+        ("objective.beta=8000",),
+        data="ranked",
+        note="RankDPO, beta 8000, 100 steps",
+        group="ranked sweep",
+        target=GUARD,
+        guard=TARGET,
+    ),
+    "rankdpo ranked lr 1e-4": Row(
+        "configs/toy/rankdpo.yaml",
+        ("optimizer.lr=1.0e-4", "train.max_steps=200"),
+        data="ranked",
+        note="RankDPO, lr 1e-4 (a fifth), 200 steps",
+        group="ranked sweep",
+        target=GUARD,
+        guard=TARGET,
+    ),
+    "rankdpo ranked predicted discounts": Row(
+        "configs/toy/rankdpo.yaml",
+        ("objective.discounts=predicted",),
+        data="ranked",
+        note="RankDPO, discounts from the model's predicted ranks (the paper's Figure 2 caption), 100 steps",
+        group="ranked sweep",
+        target=GUARD,
+        guard=TARGET,
+    ),
+    "rankdpo ranked shared noise": Row(
+        "configs/toy/rankdpo.yaml",
+        ("objective.noise=shared",),
+        data="ranked",
+        note="RankDPO, one noise draw per group (Diffusion-DPO's convention), 100 steps",
+        group="ranked sweep",
+        target=GUARD,
+        guard=TARGET,
+    ),
+    "rankdpo ranked attention-only LoRA": Row(
+        "configs/toy/rankdpo.yaml",
+        ("model.lora.target_modules=[to_q,to_k,to_v,to_out.0]",),
+        data="ranked",
+        note="RankDPO, LoRA on the attention projections only (the diffusers DPO script's targets), 100 steps",
+        group="ranked sweep",
+        target=GUARD,
+        guard=TARGET,
+    ),
+    "rankdpo ranked full fine-tune": Row(
+        "configs/toy/rankdpo.yaml",
+        ("model.finetune=full", "optimizer.lr=2.0e-5"),
+        data="ranked",
+        note="RankDPO, full fine-tune of the UNet, lr 2e-5, 100 steps",
+        group="ranked sweep",
+        target=GUARD,
+        guard=TARGET,
+    ),
+    "rankdpo K=12 attributes": Row(
+        "configs/toy/rankdpo.yaml",
+        ("train.batch_size=6",),
+        data="ranked K=12 attributes",
+        note="RankDPO on K = 12 samples per prompt (the three rounds merged, phi over the four parts), 6 groups "
+        "(72 images) per step, 100 steps",
+        group="ranked sweep",
+        target=GUARD,
+        guard=TARGET,
+        versus="dpo K=12 attributes best/worst",
+    ),
+    "dpo K=12 attributes best/worst": Row(
+        "configs/toy/dpo.yaml",
+        ("train.batch_size=6", "train.max_steps=100"),
+        data="ranked K=12 attributes",
+        note="Diffusion-DPO on the best/worst of the same K = 12 rankings, 6 pairs per step, 100 steps",
+        group="ranked sweep",
+        target=GUARD,
+        guard=TARGET,
+    ),
+    "rankdpo K=12 fidelity": Row(
+        "configs/toy/rankdpo.yaml",
+        ("train.batch_size=6",),
+        data="ranked K=12 fidelity",
+        note="RankDPO on K = 12 samples per prompt ranked by toy/fidelity itself, 6 groups per step, 100 steps",
+        group="ranked sweep",
+        target=GUARD,
+        guard=TARGET,
+        versus="dpo K=12 fidelity best/worst",
+    ),
+    "dpo K=12 fidelity best/worst": Row(
+        "configs/toy/dpo.yaml",
+        ("train.batch_size=6", "train.max_steps=100"),
+        data="ranked K=12 fidelity",
+        note="Diffusion-DPO on the best/worst of the same K = 12 fidelity rankings, 6 pairs per step, 100 steps",
+        group="ranked sweep",
+        target=GUARD,
+        guard=TARGET,
+    ),
 }
 
 #: The per-attribute toy rewards (the parts of toy/fidelity) that rank the "ranked" data, Syn-Pic style.
@@ -416,6 +530,68 @@ def ranked_groups(out: Path, args: argparse.Namespace) -> tuple[Sources, dict[st
     return [{"format": "ranking_jsonl", "path": str(f.resolve())} for f in files], info
 
 
+def merged_rankings(by: str) -> DataBuilder:
+    """The "ranked" data with each prompt's three rounds merged into one ranking of K = 12 samples (seeds 0-11):
+    more samples per prompt from the same base, so the best and worst lie further apart. ``by="attributes"``: phi is
+    the Syn-Pic win rate over the four per-attribute rewards (the scores every line carries); ``by="fidelity"``:
+    phi is the win rate under ``toy/fidelity`` itself (the images are re-scored). Written beside the rounds, with
+    image paths relative to it, so the reader's folder rule holds."""
+
+    def build(out: Path, args: argparse.Namespace) -> tuple[Sources, dict[str, Any]]:
+        import torch
+
+        from rewards.ensemble import win_rate
+
+        files, info = ranked_groups(out, args)
+        root = (out / "data" / "ranked").resolve()
+        path = root / f"merged_k12_{by}.jsonl"
+        if not path.is_file():
+            groups: dict[str, dict[str, list[Any]]] = {}
+            for source in files:
+                folder = Path(source["path"]).parent
+                for text in Path(source["path"]).read_text().splitlines():
+                    line = json.loads(text)
+                    g = groups.setdefault(line["prompt"], {"images": [], "seeds": [], "scores": []})
+                    g["images"] += [str((folder / im).relative_to(root)) for im in line["images"]]
+                    g["seeds"] += line["seeds"]
+                    g["scores"] += [list(v) for v in zip(*(line["scorer_scores"][s] for s in RANK_SCORERS))]
+            if by == "fidelity":
+                import rewards
+                from samplers.generate import from_uint8, load_image
+
+                scorer = rewards.build_scorer(GUARD)
+                for prompt, g in groups.items():
+                    images = from_uint8([load_image(root / im) for im in g["images"]])
+                    with torch.no_grad():
+                        values = scorer(images, [prompt] * len(g["images"])).tolist()
+                    g["scores"] = [[v] for v in values]
+            lines = []
+            for prompt, g in groups.items():
+                table = torch.tensor(g["scores"], dtype=torch.float64).T  # [scorers, K]
+                phi = win_rate(table, [prompt] * table.shape[1]).tolist()
+                order = sorted(range(len(phi)), key=lambda i: -phi[i])
+                lines.append(
+                    {
+                        "prompt": prompt,
+                        "images": [g["images"][i] for i in order],
+                        "scores": [phi[i] for i in order],
+                        "seeds": [g["seeds"][i] for i in order],
+                    }
+                )
+            path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        lines = [json.loads(x) for x in path.read_text().splitlines()]
+        info = info | {
+            "k": 12,
+            "rankings": len(lines),
+            "ranked_by": by,
+            "best_phi_mean": round(sum(line["scores"][0] for line in lines) / max(1, len(lines)), 3),
+            "all_tied": sum(line["scores"][0] == line["scores"][-1] for line in lines),
+        }
+        return [{"format": "ranking_jsonl", "path": str(path.resolve())}], info
+
+    return build
+
+
 def relabelled_pairs(scorer: str) -> DataBuilder:
     """The rendered pairs with SmPO soft labels from ``scorer`` (``samplers.relabel``: min / max from the data, the
     scorer's order), read with ``labels: scorer``; a copy under OUT/data, resumable."""
@@ -445,6 +621,8 @@ DATA: dict[str, DataBuilder] = {
     "rendered": rendered_pairs,
     "ensemble": ensemble_pairs,
     "ranked": ranked_groups,
+    "ranked K=12 attributes": merged_rankings("attributes"),
+    "ranked K=12 fidelity": merged_rankings("fidelity"),
     f"rendered, soft labels by {TARGET}": relabelled_pairs(TARGET),
 }
 
@@ -674,6 +852,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--negative", action="store_true", help="add the NPO / Self-NPO guidance rows")
     parser.add_argument("--ranked", action="store_true", help="add RankDPO vs DPO on the same ranked samples")
+    parser.add_argument(
+        "--ranked-sweep",
+        action="store_true",
+        help="add the RankDPO recipe-space rows (use with --splits val)",
+    )
     parser.add_argument("--ranked-rounds", type=int, default=3, help="x 105 prompts x K=4 ranked samples")
     parser.add_argument("--out", default="runs/gym")
     parser.add_argument("--pairs", type=int, default=1000, help="rendered pairs (seed 0)")
@@ -683,6 +866,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="retrain rows even when a finished run matches")
     parser.add_argument(
         "--max-steps", type=int, default=None, help="override every row's steps (smoke runs only)"
+    )
+    parser.add_argument(
+        "--splits",
+        default="val,heldout",
+        help="which splits to evaluate: 'val' alone compares recipes without reading the held-out items",
     )
     parser.add_argument("--val-seeds", type=int, default=len(VAL_SEEDS), help="seeds per validation prompt")
     parser.add_argument("--test-seeds", type=int, default=len(TEST_SEEDS), help="seeds per held-out prompt")
@@ -700,6 +888,8 @@ def main(argv: list[str] | None = None) -> int:
         names += [n for n, r in ROWS.items() if r.group == "negative"]
     if args.ranked and not args.rows:
         names += [n for n, r in ROWS.items() if r.group == "ranked"]
+    if args.ranked_sweep and not args.rows:
+        names += [n for n, r in ROWS.items() if r.group == "ranked sweep"]
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
@@ -728,13 +918,13 @@ def main(argv: list[str] | None = None) -> int:
 
     requested = set(args.rows.split(",")) if args.rows else set()
     names = [n for n in names if ROWS[n].evaluate or n in requested]  # negative models alone: only when asked
+    splits = args.splits.split(",")
     val = evaluate(names, done, base, out, "val", VAL_SEEDS[: args.val_seeds])
-    test = evaluate(names, done, base, out, "heldout", TEST_SEEDS[: args.test_seeds])
-    text = [
-        format_table(val, names, done, "validation (recipe choice)"),
-        "",
-        format_table(test, names, done, "held-out (reported)"),
-    ]
+    text = [format_table(val, names, done, "validation (recipe choice)")]
+    test = None
+    if "heldout" in splits:
+        test = evaluate(names, done, base, out, "heldout", TEST_SEEDS[: args.test_seeds])
+        text += ["", format_table(test, names, done, "held-out (reported)")]
     mitigations = [n for n in names if ROWS[n].group == "mitigation"]
     if len(mitigations) > 1:
         pick = choose(val, mitigations)  # the DPO toy recipe (diffusion_dpo) is this choice
@@ -743,14 +933,15 @@ def main(argv: list[str] | None = None) -> int:
                 "\nchoice (validation): no DPO recipe has a significant centring gain without a significant "
                 "fidelity loss; the demo keeps its recipe"
             )
-        else:
+        elif test is not None:
             held = test["rows"][pick]
             text.append(
                 f"\nchoice (validation): {pick!r}, the largest centring gain whose fidelity loss is not significant; "
                 f"held-out: centring {_iv(held[TARGET]['delta'])}, fidelity {_iv(held[GUARD]['delta'])}"
                 f"{' (a significant loss on held-out prompts)' if guard_significant_loss(held) else ''}"
             )
-    text.append(f"\nwall time {time.perf_counter() - t0:.0f} s; reports: {val['report']}, {test['report']}")
+    reports = ", ".join(e["report"] for e in (val, test) if e is not None)
+    text.append(f"\nwall time {time.perf_counter() - t0:.0f} s; reports: {reports}")
     print("\n".join(text))
     stem = "gym" if args.rows is None else "gym_" + _slug("+".join(args.rows.split(",")))[:80]
     (out / f"{stem}.md").write_text("\n".join(text) + "\n")
