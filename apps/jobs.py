@@ -70,7 +70,8 @@ class JobOptions:
     )
     min_margin: float = 1.0  # keep a synthetic pair when the personal scorer's margin exceeds this (log-odds)
     vote_repeat: int = 4  # each of the user's real pairs is written this many times (the up-weighting)
-    samples: int = 4  # K samples per prompt in synth (all pairs of the K are candidates)
+    samples: int = 4  # K samples per prompt in synth
+    pairs: str = "all"  # which pairs of the K are candidates: "all" or "best-worst" (one per group, `synth --pairs`)
     seed_groups: int = 4  # groups of K samples per prompt, each with its own seeds (more diverse pairs)
     broad_prompts: str | None = None  # prompt set added to the user's prompts (default: toy:train / parti)
     broad_max: int = 60  # at most this many prompts of the broad set (a seeded sample)
@@ -78,6 +79,7 @@ class JobOptions:
     guidance: float | None = None  # (default: the app's)
     lr: float | None = None  # optimizer.lr override (default: the config's)
     beta: float | None = None  # objective.beta override (default: the config's)
+    sft_weight: float | None = None  # objective.sft_weight (winner-MSE term beside DPO; default: the config's)
     batch_size: int | None = None  # pairs per step (default: the config's)
     config: str | None = None  # training YAML (default: configs/toy/dpo.yaml on the toy base)
     seed: int = 0  # run.seed and the broad-prompt sample
@@ -93,6 +95,8 @@ class JobOptions:
             (0 <= self.broad_max <= 100_000, "broad_max must be >= 0"),
             (self.lr is None or self.lr > 0, "lr must be > 0"),
             (self.beta is None or self.beta > 0, "beta must be > 0"),
+            (self.pairs in ("all", "best-worst"), "pairs must be 'all' or 'best-worst'"),
+            (self.sft_weight is None or self.sft_weight >= 0, "sft_weight must be >= 0"),
             (self.batch_size is None or self.batch_size >= 1, "batch_size must be >= 1"),
         ]
         for ok, message in rules:
@@ -759,7 +763,7 @@ def _synth(job_dir: Path, spec: dict[str, Any], opts: JobOptions) -> int:
     for g in range(opts.seed_groups):
         update_status(job_dir, synth_group=[g + 1, opts.seed_groups])
         argv = ["synth", "--base", spec["base"], "--prompts", str(prompt_file), "-k", str(opts.samples)]
-        argv += ["-s", f"personal:path={scorer}", "--pairs", "all", "--min-gap", str(opts.min_margin)]
+        argv += ["-s", f"personal:path={scorer}", "--pairs", opts.pairs, "--min-gap", str(opts.min_margin)]
         argv += ["--first-seed", str(opts.first_seed + 1000 * g), "--shard-size", "16"]
         argv += ["--sampler", spec["sampler"], "--steps", str(spec["synth_steps"])]
         argv += ["--guidance", str(spec["guidance"]), "-o", str(job_dir / "synth" / f"g{g}")]
@@ -796,6 +800,8 @@ def _train(
         overrides.append(f"optimizer.lr={opts.lr}")
     if opts.beta is not None:
         overrides.append(f"objective.beta={opts.beta}")
+    if opts.sft_weight is not None:
+        overrides.append(f"objective.sft_weight={opts.sft_weight}")
     if opts.batch_size is not None:
         overrides.append(f"train.batch_size={opts.batch_size}")
     _cli(["train", spec["config"], *overrides, "--no-progress"])
