@@ -9,9 +9,10 @@ nothing distributed is home-made. Pieces with a job of their own live beside it:
 the lr schedule), :mod:`workbench.checkpointing` (cursor, counters, atomic saves), :mod:`workbench.validation`
 (same-seed grids through the one renderer).
 
-Run directory::
+Run directory (its safety rules, overwrite and resume, are :mod:`workbench.rundir`'s)::
 
     config.resolved.yaml  environment.json  metrics.jsonl  tensorboard/  validation/step_XXXXXX.png
+    config.resolved.resume-XXXXXX.yaml  resume_log.jsonl  (one per resume)
     checkpoints/step_XXXXXX/{lora/ | unet/, training_state/, COMPLETE}   final/{lora/ | unet/, COMPLETE}
 """
 
@@ -41,10 +42,11 @@ from workbench.checkpointing import (
     save_checkpoint,
     save_final,
 )
-from workbench.config import RunConfig, resolved_yaml
+from workbench.config import RunConfig
 from workbench.distributed import check_launch
 from workbench.optim import base_lr, build_optimizer, lr_factor, set_lr
 from workbench.references import REFERENCES, reference_dtype, reference_for
+from workbench.rundir import check_run_dir, clear_run_outputs, start_records
 from workbench.validation import Validator, side_by_side_grid
 
 __all__ = [
@@ -139,6 +141,8 @@ class Trainer:
         from accelerate.utils import ProjectConfiguration
 
         cfg = self.cfg
+        # Before anything loads or is written: a finished run is never overwritten, a resume keeps its config.
+        self.resume_plan = check_run_dir(cfg)
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         log_with = []
@@ -152,10 +156,11 @@ class Trainer:
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir)),
         )
         check_launch(acc.num_processes, acc.distributed_type)
+        if acc.is_main_process and cfg.train.overwrite:
+            clear_run_outputs(self.run_dir)
+        acc.wait_for_everyone()
+        # config.resolved.yaml and environment.json are written by train(), once the run is known to start
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if acc.is_main_process:
-            (self.run_dir / "config.resolved.yaml").write_text(resolved_yaml(cfg))
-            (self.run_dir / "environment.json").write_text(json.dumps(environment_info(), indent=2))
         torch.manual_seed(cfg.run.seed)  # LoRA initialisation
         from workbench.models import setup_training_components
 
@@ -482,6 +487,8 @@ class Trainer:
     def train(self) -> Path:
         cfg, acc = self.cfg, self.accelerator
         self._maybe_resume()
+        if acc.is_main_process:  # the run is known to start: its records (a resume keeps the first ones)
+            start_records(cfg, self.resume_plan, self.counters.step, environment_info())
         ga = cfg.train.gradient_accumulation_steps
         bs = cfg.train.batch_size
         # This process's groups of each global micro-batch (world * bs groups, the same on every process).
