@@ -11,7 +11,8 @@ then :func:`clear_run_outputs` for ``train.overwrite=true``, and :func:`start_re
 - a resume is refused when the config differs from the run's ``config.resolved.yaml`` in a key that changes what
   is trained (learning rate, LoRA rank, objective, data, seed, batch size...); the keys of :data:`SAFE_ON_RESUME`
   (length of the run, checkpoint and logging cadence, validation, speed and memory switches, output location)
-  may change and the change is recorded in ``resume_log.jsonl``. A LoRA rank that differs from the checkpoint's
+  may change and the change is recorded in ``resume_log.jsonl``; so may the per-process batch keys when the global
+  batch stays the same (a checkpoint of N processes resumed in M). A LoRA rank that differs from the checkpoint's
   adapter is named as such ("rank differs from the checkpoint (checkpoint r=X, config r=Y)"), read from the
   checkpoint's safetensors header before any model is built.
 - ``config.resolved.yaml`` and ``environment.json`` describe the run's start and are written once, when it starts;
@@ -164,11 +165,15 @@ def check_run_dir(cfg: RunConfig) -> ResumePlan | None:
     saved = _recorded_config(checkpoint, run_dir)
     changed: dict[str, tuple[Any, Any]] = {}
     if saved is not None:
-        for key, (old, new) in config_changes(_load_recorded(saved), cfg.model_dump(mode="json")).items():
+        recorded = _load_recorded(saved)
+        same_global = _same_global_batch(recorded, cfg, saved.parent / "environment.json")
+        for key, (old, new) in config_changes(recorded, cfg.model_dump(mode="json")).items():
             if key == "train.resume":  # always differs from the run's start; the checkpoint is recorded
                 continue
-            if is_safe_on_resume(key):
+            if is_safe_on_resume(key) or (key in _PER_PROCESS_BATCH and same_global):
                 changed[key] = (old, new)
+            elif key in _PER_PROCESS_BATCH:
+                problems.append(f"{key}: {_show(old)} -> {_show(new)} ({same_global.reason})")
             elif not (key == "model.lora.rank" and problems):
                 problems.append(f"{key}: {_show(old)} -> {_show(new)}")
     if problems:
@@ -180,6 +185,44 @@ def check_run_dir(cfg: RunConfig) -> ResumePlan | None:
             f"train.resume replaces this one). Keys a resume may change: {', '.join(SAFE_ON_RESUME)}"
         )
     return ResumePlan(checkpoint, saved, changed)
+
+
+#: Per-process batch keys: a resume may change them when the global batch (batch_size x gradient_accumulation_steps
+#: x processes) stays the same, e.g. a 2-process checkpoint resumed in one process with twice the batch_size.
+_PER_PROCESS_BATCH = ("train.batch_size", "train.gradient_accumulation_steps")
+
+
+@dataclass
+class _GlobalBatch:
+    same: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.same
+
+
+def _same_global_batch(recorded: dict[str, Any], cfg: RunConfig, environment: Path) -> _GlobalBatch:
+    """Whether the run's global batch (its ``environment.json`` records its process count; 1 where it does not)
+    equals this launch's (``WORLD_SIZE``, which ``accelerate launch`` sets for every process; 1 without it)."""
+    try:
+        processes = int(json.loads(environment.read_text()).get("num_processes", 1))
+    except (OSError, ValueError, AttributeError):
+        processes = 1
+    train = recorded.get("train", {})
+    try:
+        before = (
+            int(train.get("batch_size", 1)) * int(train.get("gradient_accumulation_steps", 1)) * processes
+        )
+    except (TypeError, ValueError):
+        return _GlobalBatch(False, "the run's batch settings cannot be read")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    now = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world
+    if before == now:
+        return _GlobalBatch(True)
+    return _GlobalBatch(
+        False,
+        f"global batch {before} -> {now}: batch_size x gradient_accumulation_steps x processes must stay the same",
+    )
 
 
 def is_safe_on_resume(key: str) -> bool:

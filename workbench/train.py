@@ -488,7 +488,8 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         self._maybe_resume()
         if acc.is_main_process:  # the run is known to start: its records (a resume keeps the first ones)
-            start_records(cfg, self.resume_plan, self.counters.step, environment_info())
+            environment = {**environment_info(), "num_processes": acc.num_processes}
+            start_records(cfg, self.resume_plan, self.counters.step, environment)
         ga = cfg.train.gradient_accumulation_steps
         bs = cfg.train.batch_size
         # This process's groups of each global micro-batch (world * bs groups, the same on every process).
