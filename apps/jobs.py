@@ -71,7 +71,9 @@ class JobOptions:
     min_margin: float = 1.0  # keep a synthetic pair when the personal scorer's margin exceeds this (log-odds)
     vote_repeat: int = 4  # each of the user's real pairs is written this many times (the up-weighting)
     samples: int = 4  # K samples per prompt in synth
-    pairs: str = "all"  # which pairs of the K are candidates: "all" or "best-worst" (one per group, `synth --pairs`)
+    pairs: str = (
+        "all"  # which pairs of the K are candidates: "all" or "best-worst" (one per group, `synth --pairs`)
+    )
     seed_groups: int = 4  # groups of K samples per prompt, each with its own seeds (more diverse pairs)
     broad_prompts: str | None = None  # prompt set added to the user's prompts (default: toy:train / parti)
     broad_max: int = 60  # at most this many prompts of the broad set (a seeded sample)
@@ -79,7 +81,9 @@ class JobOptions:
     guidance: float | None = None  # (default: the app's)
     lr: float | None = None  # optimizer.lr override (default: the config's)
     beta: float | None = None  # objective.beta override (default: the config's)
-    sft_weight: float | None = None  # objective.sft_weight (winner-MSE term beside DPO; default: the config's)
+    sft_weight: float | None = (
+        None  # objective.sft_weight (winner-MSE term beside DPO; default: the config's)
+    )
     batch_size: int | None = None  # pairs per step (default: the config's)
     config: str | None = None  # training YAML (default: configs/toy/dpo.yaml on the toy base)
     seed: int = 0  # run.seed and the broad-prompt sample
@@ -783,7 +787,14 @@ def _train(
         # every seed group's shards (the reader takes a folder's .parquet files recursively)
         sources.append({"format": "pickapic_parquet", "path": str(job_dir / "synth")})
     if with_votes:
-        sources.append({"format": "pair_jsonl", "path": str(job_dir / "votes" / "weighted.jsonl")})
+        # its image paths point into the app's own store, outside the job folder: this file is ours to trust
+        sources.append(
+            {
+                "format": "pair_jsonl",
+                "path": str(job_dir / "votes" / "weighted.jsonl"),
+                "allow_outside_paths": True,
+            }
+        )
     overrides = [
         f"run.output_dir={job_dir}",
         "run.name=run",

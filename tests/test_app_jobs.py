@@ -177,10 +177,11 @@ def test_votes_export_leaves_out_ties_and_blind_rounds_and_repeats_pairs(tmp_pat
 
     from workbench.data import read_records  # what the trainer reads: 12 records, the winner first
 
-    records, report = read_records(
-        [{"format": "pair_jsonl", "path": str(job_dir / "votes" / "weighted.jsonl")}]
-    )
+    source = {"format": "pair_jsonl", "path": str(job_dir / "votes" / "weighted.jsonl")}
+    records, report = read_records([{**source, "allow_outside_paths": True}])  # as the job's _train passes it
     assert len(records) == 12 and not report.skipped
+    _, report = read_records([source])  # the store's images lie outside the job folder: refused by default
+    assert len(report.skipped) == 12 and "outside the dataset folder" in report.skipped[0][1]
 
 
 def _fit(ctx: AppContext) -> None:

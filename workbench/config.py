@@ -93,6 +93,12 @@ class DataSource(_Strict):
         description="human: the file's labels (label_0 / prefer_0). scorer: the soft labels and order written by "
         "`workbench relabel` / `workbench synth` (soft_label_0 / soft_label_1; SmPO's smoothing).",
     )
+    allow_outside_paths: bool = Field(
+        default=False,
+        description="pair_jsonl / ranking_jsonl: image paths must resolve inside the JSONL file's folder (symlinks "
+        "followed); rows naming a path outside (../../etc/passwd, an absolute path elsewhere) are skipped and "
+        "reported. true: trust this file's paths wherever they point.",
+    )
 
 
 class CacheSection(_Strict):

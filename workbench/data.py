@@ -36,6 +36,7 @@ import io
 import itertools
 import json
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -71,16 +72,50 @@ class ReadReport:
     total: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     ties_dropped: int = 0
+    #: rows that were kept but changed or look suspect, by kind (one summary line per kind, not one per row)
+    notes: dict[str, list[str]] = field(default_factory=dict)
 
     def skip(self, row_id: str, reason: str) -> None:
         self.skipped.append((row_id, reason))
+
+    def note(self, kind: str, row_id: str) -> None:
+        self.notes.setdefault(kind, []).append(row_id)
 
     def summary(self, limit: int = 10) -> str:
         lines = [f"{len(self.skipped)} of {self.total} rows skipped, {self.ties_dropped} ties dropped"]
         lines += [f"  {rid}: {why}" for rid, why in self.skipped[:limit]]
         if len(self.skipped) > limit:
             lines.append(f"  ... and {len(self.skipped) - limit} more")
+        for kind, rows in self.notes.items():
+            more = f", ... ({len(rows) - 3} more)" if len(rows) > 3 else ""
+            lines.append(f"{len(rows)} rows kept with {kind}: {', '.join(rows[:3])}{more}")
         return "\n".join(lines)
+
+    def nothing_usable(self) -> str:
+        """Why no group is left, in words that match the counts (ties are dropped, not skipped)."""
+        if self.total == 0:
+            return "no preference groups: the data sources hold no rows (an empty file or folder?)"
+        kept_ties = (
+            " To train on ties, set data.drop_ties=false (kept ties get pref_prob 0.5; a hard-label objective "
+            "reads them as 'image 0 wins')."
+            if self.ties_dropped
+            else ""
+        )
+        if self.ties_dropped == self.total:
+            return (
+                f"no preference groups: all {self.total} rows are ties (equal labels), and data.drop_ties=true "
+                f"(the default) drops ties.{kept_ties}"
+            )
+        return (
+            f"no preference groups: none of the {self.total} rows is usable ({len(self.skipped)} skipped, "
+            f"{self.ties_dropped} ties dropped).{kept_ties}\n{self.summary()}"
+        )
+
+    def write_jsonl(self, path: str | Path) -> None:
+        """Every skipped row (``{"row", "reason"}``), then every kept row with a note (``{"row", "note"}``)."""
+        lines = [json.dumps({"row": rid, "reason": why}) for rid, why in self.skipped]
+        lines += [json.dumps({"row": rid, "note": kind}) for kind, rows in self.notes.items() for rid in rows]
+        Path(path).write_text("".join(line + "\n" for line in lines))
 
 
 class DataError(ValueError):
@@ -100,12 +135,20 @@ def _parquet_files(path: Path) -> list[Path]:
 
 
 def read_pickapic_parquet(
-    path: str | Path, report: ReadReport, *, drop_ties: bool = True, labels: str = "human"
+    path: str | Path,
+    report: ReadReport,
+    *,
+    drop_ties: bool = True,
+    labels: str = "human",
+    allow_outside_paths: bool = False,
 ) -> Iterator[PreferenceRecord]:
     import pyarrow.parquet as pq
 
     for file in _parquet_files(Path(path)):
-        pf = pq.ParquetFile(file)
+        try:
+            pf = pq.ParquetFile(file)
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(f"{file}: not a readable parquet file ({exc}); re-export or remove it") from exc
         names = set(pf.schema_arrow.names)
         missing = {"jpg_0", "jpg_1", "label_0", "caption"} - names
         if missing:
@@ -119,19 +162,21 @@ def read_pickapic_parquet(
             raise DataError(_no_soft_labels(file))
         has_scores = {"score_0", "score_1"} <= names
         row = 0
-        for batch in pf.iter_batches(batch_size=256, columns=cols):
-            data = batch.to_pydict()
-            for i in range(batch.num_rows):
+        for data, n_rows in _parquet_batches(pf, file, cols):
+            for i in range(n_rows):
                 rid = f"{file.name}:{row}"
                 row += 1
                 report.total += 1
                 img0, img1, label0 = data["jpg_0"][i], data["jpg_1"][i], data["label_0"][i]
-                caption = data["caption"][i]
                 if not isinstance(img0, bytes) or not isinstance(img1, bytes) or not img0 or not img1:
                     report.skip(rid, "jpg_0/jpg_1 is empty or not bytes")
                     continue
+                if img0 == img1:
+                    report.skip(rid, "jpg_0 and jpg_1 are the same image (no preference to learn)")
+                    continue
+                caption, why = _caption_text(data["caption"][i])
                 if caption is None:
-                    report.skip(rid, "caption is null")
+                    report.skip(rid, why)
                     continue
                 if label0 not in (0, 0.5, 1):
                     report.skip(rid, f"label_0={label0!r} is not 0, 0.5 or 1")
@@ -152,15 +197,50 @@ def read_pickapic_parquet(
                 if has_scores and data["score_0"][i] is not None and data["score_1"][i] is not None:
                     s0, s1 = float(data["score_0"][i]), float(data["score_1"][i])
                     scores = [s1, s0] if swap else [s0, s1]
-                user = data.get("user_id", [None] * batch.num_rows)[i]
+                user = data.get("user_id", [None] * n_rows)[i]
                 yield PreferenceRecord(
-                    str(caption),
+                    caption,
                     images,
                     rid,
                     scores=scores,
                     user_id=None if user is None else str(user),
                     pref_prob=pref,
                 )
+
+
+def _parquet_batches(pf: Any, file: Path, cols: list[str]) -> Iterator[tuple[dict[str, list[Any]], int]]:
+    """``pf``'s rows as column lists, 256 at a time; a shard that breaks mid-file is named with the first row it
+    could not read, instead of pyarrow's bare error."""
+    batches, row = pf.iter_batches(batch_size=256, columns=cols), 0
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (OSError, ValueError) as exc:
+            raise DataError(
+                f"{file}:{row}: the parquet file is damaged from this row on ({exc}); re-export or remove it"
+            ) from exc
+        row += batch.num_rows
+        yield batch.to_pydict(), batch.num_rows
+
+
+def _caption_text(value: Any) -> tuple[str | None, str]:
+    """A caption cell as text, or ``(None, why)``: UTF-8 bytes (a binary column) are decoded, not turned into the
+    text ``"b'...'"``; bytes that are not UTF-8 and values that are not text are refused."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8"), ""
+        except UnicodeDecodeError as exc:
+            return None, (
+                f"caption is not UTF-8 text (byte {exc.start + 1} of {len(value)}); re-encode the caption column "
+                "as UTF-8 strings"
+            )
+    if isinstance(value, str):
+        return value, ""
+    if value is None:
+        return None, "caption is null"
+    return None, f"caption is {type(value).__name__} {value!r:.40}, not text"
 
 
 def _no_soft_labels(file: Path) -> str:
@@ -208,13 +288,64 @@ def _read_jsonl(path: Path, report: ReadReport) -> Iterator[tuple[str, dict[str,
             yield rid, obj
 
 
-def _resolve(base: Path, p: Any) -> str:
-    q = Path(str(p))
-    return str(q if q.is_absolute() else base / q)
+class OutsidePathError(ValueError):
+    """An image path of a JSONL row that is not a path inside the dataset's folder (the row is skipped)."""
+
+
+def _resolve(base: Path, p: Any, *, allow_outside: bool = False) -> str:
+    """The path of an image named in a JSONL file in folder ``base``: relative paths are relative to ``base``.
+
+    Unless ``allow_outside`` (``data.sources[].allow_outside_paths``), the path must resolve inside ``base``, with
+    symlinks followed: ``../../etc/passwd``, an absolute path elsewhere, or a link pointing out are refused, so a
+    downloaded dataset file cannot make the trainer read (and cache, and show) files outside its folder.
+    """
+    if not isinstance(p, str) or not p:
+        raise OutsidePathError(f"image path {p!r} is not a non-empty string")
+    q = Path(p)
+    path = q if q.is_absolute() else base / q
+    if allow_outside:
+        return str(path)
+    try:
+        inside = path.resolve().is_relative_to(base.resolve())
+    except (OSError, ValueError) as exc:  # a NUL byte, a symlink loop
+        raise OutsidePathError(f"image path {p!r} is not a usable path ({exc})") from exc
+    if not inside:
+        raise OutsidePathError(
+            f"image path {p!r} resolves outside the dataset folder {base} (symlinks are followed); move the images "
+            "into that folder, or set data.sources[].allow_outside_paths=true for a file you trust"
+        )
+    return str(path)
+
+
+def dedupe_group(rec: PreferenceRecord, keys: Sequence[Any], report: ReadReport) -> PreferenceRecord | None:
+    """``rec`` without the images whose ``keys`` (paths, bytes or content digests) repeat an earlier image of the
+    group: a ranking keeps the first (better-ranked) copy and notes the row; a group left with fewer than two images
+    (a "pair" of one image twice) is skipped and reported."""
+    seen: set[Any] = set()
+    keep = [i for i, key in enumerate(keys) if not (key in seen or seen.add(key))]
+    if len(keep) == len(keys):
+        return rec
+    if len(keep) < 2 <= len(keys):
+        report.skip(rec.row_id, "its images are all the same image (no preference to learn)")
+        return None
+    report.note("duplicate images dropped from the group", rec.row_id)
+    out = replace(
+        rec,
+        images=[rec.images[i] for i in keep],
+        captions=[rec.captions[i] for i in keep] if rec.captions else None,
+        scores=[rec.scores[i] for i in keep] if rec.scores else None,
+    )
+    # groups of K > 2 are rankings, whose pref_prob is that of their first two images
+    return replace(out, pref_prob=_pref_prob_of_order(out.scores, 1))
 
 
 def read_pair_jsonl(
-    path: str | Path, report: ReadReport, *, drop_ties: bool = True, labels: str = "human"
+    path: str | Path,
+    report: ReadReport,
+    *,
+    drop_ties: bool = True,
+    labels: str = "human",
+    allow_outside_paths: bool = False,
 ) -> Iterator[PreferenceRecord]:
     path = Path(path)
     for rid, obj in _read_jsonl(path, report):
@@ -224,13 +355,25 @@ def read_pair_jsonl(
         except (KeyError, TypeError, ValueError) as exc:
             report.skip(rid, f"needs prompt, image_0, image_1, prefer_0, prefer_1 ({exc})")
             continue
+        if not isinstance(prompt, str):
+            report.skip(rid, f"'prompt' is {type(prompt).__name__}, not a string")
+            continue
+        try:
+            images: list[ImageSource] = [
+                _resolve(path.parent, i, allow_outside=allow_outside_paths) for i in (i0, i1)
+            ]
+        except OutsidePathError as exc:
+            report.skip(rid, str(exc))
+            continue
+        if os.path.normpath(images[0]) == os.path.normpath(images[1]):
+            report.skip(rid, "image_0 and image_1 are the same file (no preference to learn)")
+            continue
         if not (math.isfinite(p0) and math.isfinite(p1)) or p0 < 0 or p1 < 0:
             report.skip(rid, f"prefer_0={p0!r}, prefer_1={p1!r}: need finite values >= 0")
             continue
         if p0 == p1 and drop_ties:
             report.ties_dropped += 1
             continue
-        images: list[ImageSource] = [_resolve(path.parent, i0), _resolve(path.parent, i1)]
         swap, pref_prob = p1 > p0, (max(p0, p1) / (p0 + p1) if p0 + p1 > 0 else 0.5)
         if labels == "scorer":
             if "soft_label_0" not in obj:
@@ -242,11 +385,21 @@ def read_pair_jsonl(
             swap, pref_prob = soft
         if swap:
             images.reverse()
-        yield PreferenceRecord(str(prompt), images, rid, user_id=obj.get("user_id"), pref_prob=pref_prob)
+        yield PreferenceRecord(prompt, images, rid, user_id=_user_id(obj), pref_prob=pref_prob)
+
+
+def _user_id(obj: dict[str, Any]) -> str | None:
+    user = obj.get("user_id")
+    return None if user is None else str(user)
 
 
 def read_ranking_jsonl(
-    path: str | Path, report: ReadReport, *, drop_ties: bool = True, labels: str = "human"
+    path: str | Path,
+    report: ReadReport,
+    *,
+    drop_ties: bool = True,
+    labels: str = "human",
+    allow_outside_paths: bool = False,
 ) -> Iterator[PreferenceRecord]:
     path = Path(path)
     if labels != "human":
@@ -278,15 +431,27 @@ def read_ranking_jsonl(
         if captions is not None and (not isinstance(captions, list) or len(captions) != len(images)):
             report.skip(rid, f"'captions' must be a list of {len(images)} strings, one per image")
             continue
-        yield PreferenceRecord(
+        try:
+            resolved: list[ImageSource] = [
+                _resolve(path.parent, p, allow_outside=allow_outside_paths) for p in images
+            ]
+        except OutsidePathError as exc:
+            report.skip(rid, str(exc))
+            continue
+        rec = PreferenceRecord(
             obj["prompt"],
-            [_resolve(path.parent, p) for p in images],
+            resolved,
             rid,
             captions=[str(c) for c in captions] if captions is not None else None,
             scores=scores,
-            user_id=obj.get("user_id"),
+            user_id=_user_id(obj),
             pref_prob=_pref_prob_of_order(scores, 1),
         )
+        deduped = dedupe_group(
+            rec, [os.path.normpath(p) for p in resolved], report
+        )  # the same file twice: the better-ranked copy stays
+        if deduped is not None:
+            yield deduped
 
 
 def _pref_prob_of_order(scores: list[float] | None, second: int) -> float:
@@ -298,7 +463,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def read_image_folder(
-    path: str | Path, report: ReadReport, *, drop_ties: bool = True, labels: str = "human"
+    path: str | Path,
+    report: ReadReport,
+    *,
+    drop_ties: bool = True,
+    labels: str = "human",
+    allow_outside_paths: bool = False,
 ) -> Iterator[PreferenceRecord]:
     """Captioned images without preferences: every image in the folder (not recursive, sorted by name) with a
     same-name ``.txt`` caption beside it, one ``K = 1`` record each (row id = the file name). The layout of
@@ -330,7 +500,12 @@ def read_image_folder(
 
 
 def read_app_votes(
-    path: str | Path, report: ReadReport, *, drop_ties: bool = True, labels: str = "human"
+    path: str | Path,
+    report: ReadReport,
+    *,
+    drop_ties: bool = True,
+    labels: str = "human",
+    allow_outside_paths: bool = False,
 ) -> Iterator[PreferenceRecord]:
     """The vote store of ``workbench app`` (SQLite), read in place: its active votes (undone ones left out) expanded
     into pairs exactly as its Pick-a-Pic export is (:func:`apps.store.expand_pairs`: best-of-K gives the best over
@@ -405,16 +580,30 @@ def read_records(
         if fmt not in READERS:
             raise DataError(f"data.sources[].format {fmt!r} unknown; use one of {sorted(READERS)}")
         labels = (src.get("labels") if isinstance(src, dict) else getattr(src, "labels", None)) or "human"
-        for rec in READERS[fmt](path, report, drop_ties=drop_ties, labels=labels):
+        outside = bool(
+            src.get("allow_outside_paths")
+            if isinstance(src, dict)
+            else getattr(src, "allow_outside_paths", False)
+        )
+        reader = READERS[fmt](path, report, drop_ties=drop_ties, labels=labels, allow_outside_paths=outside)
+        for rec in reader:
             if group == "pair" and rec.k > 2:
                 rec = _best_vs_worst(rec)
             if rec.k < min_k:
                 report.skip(rec.row_id, f"{rec.k} images; the objective needs groups of >= {min_k} (min_k)")
                 continue
+            _note_caption(rec, report)
             records.append(rec)
             if max_samples is not None and len(records) >= max_samples:
                 return records, report
     return records, report
+
+
+def _note_caption(rec: PreferenceRecord, report: ReadReport) -> None:
+    """An empty caption is kept (trained as the unconditional prompt) and noted once in the summary, not once per
+    row; captions longer than the text encoder reads are noted by the cache, which knows the tokenizer."""
+    if not rec.prompt.strip():
+        report.note("an empty caption (trained as the unconditional prompt)", rec.row_id)
 
 
 def _best_vs_worst(rec: PreferenceRecord) -> PreferenceRecord:
