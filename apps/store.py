@@ -41,7 +41,11 @@ import hashlib
 import itertools
 import json
 import math
+import os
+import re
+import shutil
 import sqlite3
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -57,6 +61,7 @@ EXPORT_FORMATS: tuple[str, ...] = ("pickapic", "pairs", "rankings")
 #: Round source of the Personalise tab's blind before/after rounds: the evaluation set. Its votes measure a fine-tune
 #: and are never training data (exports, ``app_votes`` sources and the personal fine-tune leave them out).
 EVAL_SOURCE = "beforeafter"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def training_votes(store: VoteStore, user_id: str | None = None) -> tuple[list[Vote], int]:
@@ -261,7 +266,21 @@ class VoteStore:
 
     # ------------------------------------------------------------------------------------------------ images
     def image_path(self, sha: str) -> Path:
-        return self.image_dir / sha[:2] / f"{sha}.png"
+        """``image_dir/ab/<sha>.png``. The id comes from the database, so it is checked: a name that is not a
+        sha256 (``../../etc/passwd``, a hand-edited or corrupt row) and a file or folder that a symlink leads out of
+        the image folder are refused; nothing outside it is read, written or served."""
+        if not _SHA256.fullmatch(sha):
+            raise StoreError(
+                f"{self.path}: image id {sha[:80]!r} is not a sha256 hex digest; the database was edited or is "
+                "corrupt (restore it from a copy)"
+            )
+        path = self.image_dir / sha[:2] / f"{sha}.png"
+        if not path.resolve().is_relative_to(self.image_dir.resolve()):
+            raise StoreError(
+                f"{path}: a symlink leads outside the image folder {self.image_dir}; remove it (images are plain "
+                "files written by the store)"
+            )
+        return path
 
     def add_image(self, png: bytes, params: dict[str, Any]) -> str:
         """Store PNG bytes content-addressed; returns the sha256. The file is written atomically before its row."""
@@ -643,12 +662,33 @@ def export_votes(
     """Write the active votes to ``out/``: ``pickapic.parquet`` (Pick-a-Pic layout, image bytes inline),
     ``pairs.jsonl`` (image-pair JSONL) and ``rankings.jsonl`` (ranking JSONL), the two JSONL files referring to
     ``out/images/<sha>.png`` by relative path. Each is what ``workbench train`` reads as it is (``data.sources``
-    format ``pickapic_parquet`` / ``pair_jsonl`` / ``ranking_jsonl``)."""
+    format ``pickapic_parquet`` / ``pair_jsonl`` / ``ranking_jsonl``).
+
+    Nothing is written outside ``out``: every file is first written into a fresh private folder inside it and then
+    renamed into place, so a symlink planted at a file's name is replaced, not written through; an ``images`` that
+    is a symlink or a file is refused, and an existing image is reused only when it is a plain file with the right
+    content."""
     unknown = [f for f in formats if f not in EXPORT_FORMATS]
     if unknown:
         raise StoreError(f"export format(s) {unknown} unknown; use {', '.join(EXPORT_FORMATS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    images_dir = out / "images"
+    if images_dir.is_symlink() or (images_dir.exists() and not images_dir.is_dir()):
+        raise StoreError(
+            f"{images_dir} is a symlink or a file, not the export's image folder; remove it or export into a "
+            "fresh folder"
+        )
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    try:
+        return _export(store, out, staging, formats, user_id)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _export(
+    store: VoteStore, out: Path, staging: Path, formats: Sequence[str], user_id: str | None
+) -> ExportResult:
     votes, held_out = training_votes(store, user_id)
     result = ExportResult(votes=len(votes))
     if held_out:
@@ -666,9 +706,11 @@ def export_votes(
         rel = f"images/{item.sha256}.png"
         if item.sha256 not in copied:
             target = out / rel
-            if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(item.path.read_bytes())
+            if target.is_symlink() or not target.is_file() or png_sha256(target.read_bytes()) != item.sha256:
+                target.parent.mkdir(exist_ok=True)
+                tmp = staging / target.name
+                tmp.write_bytes(item.path.read_bytes())
+                os.replace(tmp, target)
             copied.add(item.sha256)
         return rel
 
@@ -685,7 +727,8 @@ def export_votes(
         if not cols:
             cols = {c: [] for c in ("jpg_0", "jpg_1", "label_0", "label_1", "caption")}
         path = out / "pickapic.parquet"
-        write_pickapic_parquet(path, cols)
+        write_pickapic_parquet(staging / path.name, cols)
+        os.replace(staging / path.name, path)
         result.files["pickapic"] = path
     if "pairs" in formats:
         lines = []
@@ -702,20 +745,20 @@ def export_votes(
                     **{k: v for k, v in fields.items() if k not in ("caption", "label_0", "label_1")},
                 }
             )
-        result.files["pairs"] = _write_jsonl(out / "pairs.jsonl", lines)
+        result.files["pairs"] = _write_jsonl(out / "pairs.jsonl", lines, staging)
     if "rankings" in formats:
         rows = [r for v in votes if (r := ranking_row(v, image_ref)) is not None]
         result.rankings = len(rows)
-        result.files["rankings"] = _write_jsonl(out / "rankings.jsonl", rows)
+        result.files["rankings"] = _write_jsonl(out / "rankings.jsonl", rows, staging)
     else:
         result.rankings = sum(1 for v in votes if v.outcome in ("best", "rank"))
     return result
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
+def _write_jsonl(path: Path, rows: list[dict[str, Any]], staging: Path) -> Path:
+    tmp = staging / path.name
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
+    os.replace(tmp, path)
     return path
 
 
