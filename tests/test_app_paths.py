@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from app_fixtures import FakeRenderer
 
 from apps.handlers import AppContext, AppSettings, InputError, export, load_folder
 from apps.store import StoreError, VoteStore, export_votes
@@ -134,16 +135,11 @@ def test_export_refuses_an_images_entry_that_is_not_its_folder(tmp_path: Path, c
 
 def test_app_export_stays_in_the_export_folder(tmp_path: Path):
     store, _ = _voted_store(tmp_path / "store")
-    ctx = AppContext(AppSettings(db=str(store.path), runs_dir=None), renderer=_NoRenderer(), store=store)
+    ctx = AppContext(AppSettings(db=str(store.path), runs_dir=None), renderer=FakeRenderer(), store=store)
     summary, parquet = export(ctx, user="../../outside")  # a user filter is a value, never a path
     assert parquet.resolve().is_relative_to(ctx.export_dir.resolve()) and "0 active votes" in summary
     summary, parquet = export(ctx)
     assert parquet.resolve().is_relative_to(ctx.export_dir.resolve()) and "1 active votes" in summary
-
-
-class _NoRenderer:
-    def names(self) -> list[str]:
-        return ["base"]
 
 
 # ------------------------------------------------------------------------------------------ Curate folder import
@@ -161,7 +157,7 @@ def test_curate_import_stays_inside_its_root_and_folder(tmp_path: Path):
     (root / "linked").symlink_to(tmp_path / "outside" / "theirs")  # a folder under the root leading out
     store = VoteStore(tmp_path / "store" / "votes.sqlite")
     settings = AppSettings(db=str(store.path), runs_dir=None, curate_root=str(root))
-    ctx = AppContext(settings, renderer=_NoRenderer(), store=store)
+    ctx = AppContext(settings, renderer=FakeRenderer(), store=store)
 
     state, _ = load_folder(ctx, str(root / "mine"), "a prompt")
     assert sorted(im.params["source_file"] for im in state.images) == ["0.png", "1.png"]
@@ -179,7 +175,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AppContex
 
     root = tmp_path_factory.mktemp("served")
     store, _ = _voted_store(root)
-    ctx = AppContext(AppSettings(db=str(store.path), runs_dir=None), renderer=_NoRenderer(), store=store)
+    ctx = AppContext(AppSettings(db=str(store.path), runs_dir=None), renderer=FakeRenderer(), store=store)
     demo, url = launch(ctx, block=False)
     try:
         yield ctx, url
