@@ -41,6 +41,7 @@ from apps.handlers import (
     new_round,
     slider_pair,
     stats_text,
+    submit_vote,
 )
 from apps.jobs import job_panel
 from apps.personal import build_personal_tab
@@ -448,6 +449,32 @@ def build_app(ctx: AppContext) -> gr.Blocks:
             return f"```\n{summary}\n```", str(parquet)
 
         v_export_btn.click(on_export, [v_user], [v_export, v_file], api_name="export")
+
+        @_guard
+        def vote(
+            user_name: str,
+            round_id: str,
+            outcome: str,
+            ranking: list[int],
+            idempotency_key: str,
+            latency_ms: int | None = None,
+            request: gr.Request = None,  # pyright: ignore[reportArgumentType] (Gradio injects it)
+        ) -> dict[str, Any]:
+            """Store one vote on a round shown to this user: outcome best | rank | tie | both_bad | skip, ranking
+            = slots best-first, idempotency_key = a new random id per decision, resent unchanged on every retry
+            (a retried vote is stored once; see apps.handlers.submit_vote)."""
+            return submit_vote(
+                ctx,
+                user=_user(user_name, request),
+                round_id=round_id,
+                outcome=outcome,
+                ranking=ranking,
+                idempotency_key=idempotency_key,
+                latency_ms=latency_ms,
+                session_id=_session(request),
+            )
+
+        gr.api(vote, api_name="vote")
     return demo
 
 

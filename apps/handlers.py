@@ -696,6 +696,48 @@ def _next_attempt(ctx: AppContext, vote: Vote) -> int:
     return len(ctx.store.votes(round_id=vote.round.round_id, include_undone=True))
 
 
+_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.:")
+
+
+def submit_vote(
+    ctx: AppContext,
+    *,
+    user: str,
+    round_id: str,
+    outcome: str,
+    ranking: Sequence[int],
+    idempotency_key: str,
+    latency_ms: int | None = None,
+    session_id: str | None = None,
+) -> dict[str, Any]:
+    """A vote sent by a script or another front end (the app's ``/vote`` API), which unlike the buttons holds its
+    own state: it names the round, the decision (``ranking``: slots best-first, as
+    :meth:`apps.store.VoteStore.record_vote` takes them) and its own ``idempotency_key``, a fresh random id (8-128
+    characters of ``A-Z a-z 0-9 - _ . :``) per decision that it resends unchanged on every retry. A submit retried
+    after a timeout, a dropped connection or a server restart is then stored once (``duplicate`` is true on the
+    repeats). The key is stored as ``api:<user>:<key>``, so one user's keys never collide with another's or with
+    the buttons' ``<round>#<attempt>`` keys. Only the user a round was shown to may vote on it."""
+    key = idempotency_key or ""
+    if not 8 <= len(key) <= 128 or not set(key) <= _KEY_CHARS:
+        raise InputError(
+            "idempotency_key: send 8-128 characters of A-Z a-z 0-9 - _ . : (e.g. a uuid4 hex), new for each "
+            "decision and the same on every retry of it"
+        )
+    rnd = ctx.store.get_round(round_id)
+    if rnd.user_id != user:
+        raise InputError(f"round {round_id!r} was shown to another user; vote on your own rounds")
+    result = ctx.store.record_vote(
+        round_id,
+        user_id=user,
+        outcome=outcome,
+        ranking=list(ranking),
+        idempotency_key=f"api:{user}:{key}",
+        latency_ms=latency_ms,
+        session_id=session_id,
+    )
+    return {"vote_id": result.vote_id, "round_id": result.round_id, "duplicate": result.duplicate}
+
+
 # --------------------------------------------------------------------------------------------------------- curate
 @dataclass
 class CuratedImage:
