@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,11 +37,19 @@ from trainers.base import Needs
 from workbench.batch import GroupBatch, first_column, flatten_groups, repeat_per_image, unflatten_groups
 from workbench.checkpointing import (
     COMPLETE,
+    CheckpointWriteError,
+    CorruptFileError,
     Counters,
     DataCursor,
+    ResumeState,
+    accelerate_view,
+    fault_point,
     list_checkpoints,
+    restore_rng,
     save_checkpoint,
     save_final,
+    trainer_state,
+    verify_checkpoint,
 )
 from workbench.config import RunConfig
 from workbench.distributed import check_launch
@@ -196,9 +205,9 @@ class Trainer:
         self.unet, self.optimizer = acc.prepare(comps.unet, optimizer)
         self.cursor = DataCursor(len(self.cache), cfg.run.seed)
         self.noise_generator = torch.Generator()
-        self.counters = Counters()
-        for obj in (self.cursor, self.counters):
-            acc.register_for_checkpointing(obj)
+        self.counters = (
+            Counters()
+        )  # cursor and counters: trainer_state.json (workbench.checkpointing), no pickle
         self._register_hooks()
         if acc.is_main_process and log_with:
             flat = json.loads(json.dumps(cfg.model_dump(mode="json")))
@@ -316,6 +325,7 @@ class Trainer:
             unet = self.accelerator.unwrap_model(self.unet)
             state = {k: v.detach().cpu().contiguous() for k, v in peft_lora_state_dict(unet).items()}
             save_file(state, os.path.join(output_dir, "adapter.safetensors"))
+            fault_point("save:adapter", self.counters.step)  # training_state/ half written
 
         def load_hook(models: list[Any], input_dir: str) -> None:
             while models:
@@ -594,6 +604,7 @@ class Trainer:
                         mean = acc.reduce(torch.tensor([record[k] for k in keys], device=acc.device), "mean")
                         record.update(zip(keys, torch.as_tensor(mean).tolist()))
                     self._log(record)
+                fault_point("step", step)
                 bar.update(1)
                 shown = {
                     key.rsplit("/", 1)[-1]: f"{sums[key]:.2f}" for key in self.spec.progress if key in sums
@@ -632,27 +643,64 @@ class Trainer:
         return path.open("a")
 
     def _maybe_resume(self) -> None:
+        """Restore the state of ``train.resume`` (a checkpoint folder, or ``latest``). Every checkpoint is checked
+        first (:func:`workbench.checkpointing.verify_checkpoint`): a file holding pickled code stops the run with
+        a message naming it; with ``latest``, a damaged newest checkpoint is skipped with a warning and the one
+        before it is used, a checkpoint named explicitly is used or refused."""
         resume = self.cfg.train.resume
         if not resume:
             return
+        rank = self.accelerator.process_index
         if resume == "latest":
             ckpts = list_checkpoints(self.run_dir)
             if not ckpts:
                 print(f"[train] resume=latest: no complete checkpoint in {self.run_dir}; starting fresh")
                 return
-            path = ckpts[-1]
+            problems: list[str] = []
+            state: ResumeState | None = None
+            for path in reversed(ckpts):
+                try:
+                    state = verify_checkpoint(path, rank)
+                    break
+                except CorruptFileError as exc:
+                    problems.append(str(exc))
+                    print(f"[train] warning: skipping checkpoint {path.name}: {exc}", file=sys.stderr)
+            if state is None:
+                raise CorruptFileError(
+                    f"train.resume=latest: no usable checkpoint in {self.run_dir / 'checkpoints'}:\n  "
+                    + "\n  ".join(problems)
+                    + "\nStart a new run (a new run.name) or restore the files from a copy."
+                )
+            if problems:
+                print(
+                    f"[train] warning: resuming from the previous checkpoint, {state.path.name}",
+                    file=sys.stderr,
+                )
         else:
             path = Path(resume)
             if not (path / COMPLETE).is_file():
                 raise TrainingError(
                     f"train.resume: {path} is not a complete checkpoint (no {COMPLETE} marker)"
                 )
-        self.accelerator.load_state(str(path / "training_state"))
+            state = verify_checkpoint(path, rank)
+        if self.resume_plan is not None:
+            self.resume_plan.checkpoint = state.path
+        with accelerate_view(state.path / "training_state") as folder:
+            self.accelerator.load_state(str(folder))
+        self.cursor.load_state_dict(state.trainer["data_cursor"])
+        self.counters.load_state_dict(state.trainer["counters"])
+        if state.rng is not None:
+            restore_rng(state.rng)
+        else:  # more processes than the checkpoint was written by: this one has no RNG file
+            print(
+                f"[train] process {rank}: no RNG state in {state.path.name}; its RNGs start fresh",
+                file=sys.stderr,
+            )
         load_reference = getattr(self.reference, "load", None)
         if load_reference is not None:  # reference state that training changes (an EMA teacher)
-            load_reference(path / "reference")
+            load_reference(state.path / "reference")
         self.accelerator.unwrap_model(self.unet).train()  # modes are not part of the state
-        print(f"[train] resumed from {path} at step {self.counters.step}", file=sys.stderr)
+        print(f"[train] resumed from {state.path} at step {self.counters.step}", file=sys.stderr)
 
     def _log(self, record: dict[str, Any]) -> None:
         acc = self.accelerator
@@ -678,12 +726,41 @@ class Trainer:
             unet.save_pretrained(str(directory / "unet"), safe_serialization=True)
 
     def save_checkpoint(self, step: int) -> Path:
-        return save_checkpoint(
-            self.accelerator, self.run_dir, step, self._export_weights, self.cfg.train.keep_last
-        )
+        """``checkpoints/step_XXXXXX``. A failed write (disk full, read-only folder) stops the run: the partial
+        folder is removed, earlier checkpoints are intact, and the weights alone are tried in ``rescued/`` (small for
+        a LoRA, and the partial folder's space is free again); the error says what was kept."""
+        state = trainer_state(step, self.cursor, self.counters)
+        try:
+            return save_checkpoint(
+                self.accelerator, self.run_dir, step, self._export_weights, self.cfg.train.keep_last, state
+            )
+        except CheckpointWriteError as exc:
+            raise CheckpointWriteError(f"{exc}. {self._after_failed_write(step)}") from exc.__cause__
 
     def save_final(self) -> Path:
-        return save_final(self.accelerator, self.run_dir, self.counters.step, self._export_weights)
+        try:
+            return save_final(self.accelerator, self.run_dir, self.counters.step, self._export_weights)
+        except CheckpointWriteError as exc:
+            raise CheckpointWriteError(
+                f"{exc}. {self._after_failed_write(self.counters.step)}"
+            ) from exc.__cause__
+
+    def _after_failed_write(self, step: int) -> str:
+        """Save what can be saved after a failed write, and say what the run directory holds now."""
+        ckpts = list_checkpoints(self.run_dir)
+        kept = (
+            f"The last good checkpoint, {ckpts[-1]}, is intact" if ckpts else "There is no earlier checkpoint"
+        )
+        rescued = ""
+        if self.accelerator.is_main_process:
+            target = self.run_dir / "rescued" / f"step_{step:06d}"
+            try:
+                self._export_weights(target)
+                rescued = f"; the weights of step {step} (not resumable) were saved in {target}"
+            except OSError as exc:
+                shutil.rmtree(target, ignore_errors=True)
+                rescued = f"; the weights of step {step} could not be saved elsewhere either ({exc.strerror or exc})"
+        return f"{kept}{rescued}. Free disk space or make the folder writable, then continue with train.resume=latest"
 
     # -------------------------------------------------------------------------------------------- validation
     def _reference_is_base(self) -> bool:

@@ -1,0 +1,78 @@
+"""Reading files that may come from anyone: ``torch.load`` that never runs pickled code, with errors naming the file.
+
+A ``.pt`` / ``.bin`` / ``.ckpt`` / ``.pkl`` file is a pickle, and unpickling runs whatever callables the file names
+(a ``__reduce__`` returning ``(os.system, ("...",))``). Every such file the workbench reads goes through
+:func:`load_torch_file`: ``torch.load(weights_only=True)``, whose unpickler accepts tensors, plain containers and
+numbers (plus the numpy types of RNG states, :data:`RNG_SAFE_GLOBALS`) and refuses every other global before calling
+it. A refusal becomes :class:`UnsafeFileError` naming the file and the global; a file that cannot be read at all
+(truncated, bit flips, not a torch file) becomes :class:`CorruptFileError`. Both are ``ValueError``s, so the CLI
+reports them as one message (exit code 2) instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import codecs
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["RNG_SAFE_GLOBALS", "CorruptFileError", "UnsafeFileError", "load_torch_file"]
+
+#: What an RNG-state file written by accelerate (``random_states_N.pkl``: numpy's ``get_state()`` and Python's
+#: ``random.getstate()``) needs beyond torch's defaults; the same list accelerate's own ``load`` allows
+#: (``accelerate/utils/other.py``, ``TORCH_SAFE_GLOBALS``). Each rebuilds plain numbers, never calls user code.
+RNG_SAFE_GLOBALS: list[Any] = [
+    np._core.multiarray._reconstruct,  # pyright: ignore[reportAttributeAccessIssue]  # numpy's array rebuild helper
+    np.ndarray,
+    np.dtype,
+    codecs.encode,
+    np.dtypes.UInt32DType,
+]
+
+
+class UnsafeFileError(ValueError):
+    """The file holds pickled code (a global that is not a tensor or plain data); it was not run."""
+
+
+class CorruptFileError(ValueError):
+    """The file cannot be read (truncated, damaged, or not a torch file)."""
+
+
+def load_torch_file(path: str | Path, *, what: str, map_location: str = "cpu", mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` with numpy RNG types allowed; errors name ``what`` and the file.
+
+    ``mmap=True`` maps zip-format files lazily (tensor data is not read), which makes this a cheap safety check
+    before a library loads the file itself; legacy (non-zip) files are read whole."""
+    path = Path(path)
+    use_mmap = mmap and zipfile.is_zipfile(path)
+    try:
+        with torch.serialization.safe_globals(RNG_SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=use_mmap)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found is not None or "Unsupported" in str(exc):
+            name = found.group(1) if found is not None else "an unsupported pickle instruction"
+            raise UnsafeFileError(
+                f"{what} {path}: refusing to load it: it holds pickled code ({name}), which would run on loading. "
+                "Files the workbench writes hold only tensors and numbers; this one was altered or comes from "
+                "elsewhere. Re-save its tensors as .safetensors in a trusted environment, or delete it."
+            ) from None
+        raise CorruptFileError(
+            f"{what} {path}: cannot be read ({_first_line(exc)}); the file is damaged"
+        ) from exc
+    except (RuntimeError, EOFError, UnicodeDecodeError, ValueError, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise CorruptFileError(f"{what} {path}: the file is missing") from exc
+        raise CorruptFileError(
+            f"{what} {path}: cannot be read ({_first_line(exc)}); the file is truncated or damaged"
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
