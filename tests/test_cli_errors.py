@@ -13,6 +13,17 @@ from workbench.cli import main
 TOY = str(Path(__file__).resolve().parents[1] / "configs" / "toy" / "dpo.yaml")
 
 
+@pytest.fixture(autouse=True)
+def _toy_data(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working folder where configs/toy/dpo.yaml's data path (runs/toy_dpo_pairs) exists, so that `validate TOY`
+    passes its data check, and where no earlier run of that name lies."""
+    work = tmp_path_factory.mktemp("work")
+    (work / "runs" / "toy_dpo_pairs").mkdir(parents=True)
+    (work / "runs" / "toy_dpo_pairs" / "shard-0.parquet").write_bytes(b"")  # validate only looks for it
+    monkeypatch.chdir(work)
+    return work
+
+
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     code = main(list(argv))
     return code, capsys.readouterr().err

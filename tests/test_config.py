@@ -67,8 +67,12 @@ def test_overrides_and_scientific_notation(tmp_path: Path):
     assert cfg.objective.beta == 2000
 
 
-def test_validate_command_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+def test_validate_command_exit_codes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+):
     good = _write(tmp_path, BASE)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.parquet").write_bytes(b"")  # the data path exists (validate checks that, not its rows)
     assert cli_main(["validate", str(good)]) == 0
     assert cli_main(["validate", str(good), "model.lroa.rank=4"]) == 2
     assert "model.lroa" in capsys.readouterr().err

@@ -597,8 +597,9 @@ def _yaml_error_message(path: Path, exc: Exception) -> str:
 
 
 def check_environment(cfg: RunConfig) -> None:
-    """What the schema cannot see: packages a valid config needs in this environment (``workbench validate`` and
-    ``workbench train`` call it before anything loads). Raises :class:`ConfigError`."""
+    """What the schema cannot see: packages a valid config needs in this environment, the data paths, the resume
+    folder (``workbench validate`` and ``workbench train`` call it before anything loads). Raises
+    :class:`ConfigError`."""
     import importlib.util
 
     if cfg.optimizer.name == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
@@ -606,6 +607,13 @@ def check_environment(cfg: RunConfig) -> None:
             "optimizer.name=adamw_8bit needs bitsandbytes, which is not installed: pip install '.[gpu]' "
             "(or pip install bitsandbytes; it needs a CUDA GPU), or choose optimizer.name=adamw"
         )
+    for i, src in enumerate(cfg.data.sources):
+        problem = _data_path_problem(src.format, Path(src.path))
+        if problem:
+            raise ConfigError(
+                f"data.sources[{i}].path: {src.path} {problem} (a relative path is read from the current folder, "
+                f"{Path.cwd()}); fix the path, or create the data first"
+            )
     resume = cfg.train.resume
     if resume and resume != "latest" and not Path(resume).is_dir():
         hint = "latest" if difflib.get_close_matches(resume, ["latest"], n=1, cutoff=0.6) else None
@@ -614,6 +622,19 @@ def check_environment(cfg: RunConfig) -> None:
             f"train.resume: {resume} is not a folder. {did}Give train.resume=latest (the newest complete checkpoint "
             f"of {cfg.run_dir}) or a checkpoint folder such as {cfg.run_dir / 'checkpoints' / 'step_000500'}"
         )
+
+
+def _data_path_problem(fmt: str, path: Path) -> str | None:
+    """What is wrong with a data source's path for its format, or None (the readers check the rows)."""
+    if not path.exists():
+        return "does not exist"
+    if fmt == "image_folder" and not path.is_dir():
+        return "is not a folder (an image_folder source is a folder of images with .txt captions)"
+    if fmt in ("pair_jsonl", "ranking_jsonl", "app_votes") and not path.is_file():
+        return f"is not a file (a {fmt} source is one file)"
+    if fmt == "pickapic_parquet" and path.is_dir() and next(path.rglob("*.parquet"), None) is None:
+        return "is a folder without .parquet files"
+    return None
 
 
 def _delete_key(merged: Any, item: str) -> None:
