@@ -48,9 +48,12 @@ class AestheticMLP(torch.nn.Module):
 
 
 def load_aesthetic_mlp(path: str, input_size: int = 768) -> AestheticMLP:
-    """Load the released ``.pth`` state dict (``weights_only=True``, strict)."""
+    """Load the released ``.pth`` state dict (``weights_only=True``, strict; a file holding pickled code is refused
+    with a message naming it, :func:`workbench.untrusted.load_torch_file`)."""
+    from workbench.untrusted import load_torch_file
+
     mlp = AestheticMLP(input_size)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch_file(path, what="aesthetic MLP weights")
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     try:

@@ -246,10 +246,10 @@ class ResumeState:
 
 
 def verify_checkpoint(path: Path, process_index: int = 0) -> ResumeState:
-    """Check a checkpoint before anything is loaded from it: the manifest (sizes, hashes), every pickle-format
-    file loaded with ``weights_only=True`` (refused with :class:`UnsafeFileError` when it holds code; tensors of
-    zip files are mapped, not read), every safetensors header, the RNG states (each applied to a fresh generator)
-    and the trainer state. Every process checks every file, so all reach the same verdict."""
+    """Check a checkpoint before anything is loaded from it: every pickle-format file loaded with
+    ``weights_only=True`` (refused with :class:`UnsafeFileError` when it holds code; tensors of zip files are
+    mapped, not read), every safetensors header, the RNG states (each applied to a fresh generator), the manifest
+    (sizes, hashes) and the trainer state. Every process checks every file, so all reach the same verdict."""
     from safetensors import safe_open
 
     folder = path / "training_state"
@@ -257,7 +257,6 @@ def verify_checkpoint(path: Path, process_index: int = 0) -> ResumeState:
         raise CorruptFileError(f"checkpoint {path}: no training_state/ folder; the checkpoint is incomplete")
     found = _STEP_DIR.match(path.name)
     step = int(found.group(1)) if found else None
-    _check_manifest(path)
     rng: dict[str, Any] | None = None
     for file in sorted(path.rglob("*")):
         if file.suffix in _PICKLE_SUFFIXES and file.is_file():
@@ -277,6 +276,7 @@ def verify_checkpoint(path: Path, process_index: int = 0) -> ResumeState:
                 raise CorruptFileError(
                     f"checkpoint file {file}: cannot be read ({exc}); the file is damaged"
                 ) from exc
+    _check_manifest(path)  # after the loads: a planted file is named as code, not only as a changed file
     if rng is None and process_index == 0:
         raise CorruptFileError(
             f"checkpoint {path}: training_state/random_states_0.pkl is missing; the checkpoint is incomplete"

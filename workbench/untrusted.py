@@ -55,8 +55,11 @@ def load_torch_file(path: str | Path, *, what: str, map_location: str = "cpu", m
             return torch.load(path, map_location=map_location, weights_only=True, mmap=use_mmap)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        if found is not None or "Unsupported" in str(exc):
-            name = found.group(1) if found is not None else "an unsupported pickle instruction"
+        opcode = re.search(r"Unsupported operand (\d+)", str(exc))
+        name = found.group(1) if found is not None else None
+        if name is None and opcode is not None:  # refused at an opcode (e.g. protocol 4's FRAME): look closer
+            name = imported_global(path)
+        if name is not None:
             raise UnsafeFileError(
                 f"{what} {path}: refusing to load it: it holds pickled code ({name}), which would run on loading. "
                 "Files the workbench writes hold only tensors and numbers; this one was altered or comes from "
@@ -71,6 +74,44 @@ def load_torch_file(path: str | Path, *, what: str, map_location: str = "cpu", m
         raise CorruptFileError(
             f"{what} {path}: cannot be read ({_first_line(exc)}); the file is truncated or damaged"
         ) from exc
+
+
+def imported_global(path: Path) -> str | None:
+    """The first global a pickle file imports that torch's weights-only unpickler does not allow, read with
+    ``pickletools`` (nothing is executed; a torch zip file's ``data.pkl``, or the first pickle of any other file),
+    or None when it imports none (or cannot be parsed)."""
+    import pickletools
+
+    from torch._weights_only_unpickler import (  # pyright: ignore[reportPrivateUsage]
+        _get_allowed_globals,  # pyright: ignore[reportPrivateUsage]
+    )
+
+    allowed = set(_get_allowed_globals()) | {
+        f"{getattr(g, '__module__', '')}.{getattr(g, '__qualname__', '')}" for g in RNG_SAFE_GLOBALS
+    }
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                member = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+                stream: Any = archive.open(member)
+        else:
+            stream = path.open("rb")
+        with stream:
+            strings: list[str] = []
+            for op, arg, _ in pickletools.genops(stream):
+                if isinstance(arg, str):
+                    strings.append(arg)
+                if op.name in ("GLOBAL", "INST"):
+                    name = str(arg).replace(" ", ".")
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    name = f"{strings[-2]}.{strings[-1]}"
+                else:
+                    continue
+                if name not in allowed:
+                    return name
+    except Exception:  # a damaged stream: not evidence of code
+        return None
+    return None
 
 
 def _first_line(exc: BaseException) -> str:
