@@ -95,6 +95,10 @@ def load_pipeline(
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
         if path.is_file():
+            if path.suffix != ".safetensors":  # .ckpt/.pt/.bin are pickles: one holding code is refused unrun
+                from workbench.untrusted import load_torch_file
+
+                load_torch_file(path, what="model.source", mmap=True)
             if single_file_config is not None:
                 kwargs["config"] = single_file_config
             pipe = cls.from_single_file(str(path), **kwargs)
