@@ -285,7 +285,7 @@ class Trainer:
 
     def _setup_data(self) -> None:
         from workbench.cache import PreferenceCache
-        from workbench.data import read_records
+        from workbench.data import DataError, read_records
 
         cfg, acc = self.cfg, self.accelerator
         needs = self.spec.needs
@@ -298,14 +298,21 @@ class Trainer:
         )
         check_needs(cfg.objective.name, needs, records)
         self.cache = PreferenceCache(self.components.pipe, self.components.family, cfg.data)
-        with acc.main_process_first():
-            self.cache.build(records, report, show_progress=self.show_progress and acc.is_local_main_process)
+        skipped_file = self.run_dir / "skipped_rows.jsonl"
+        try:
+            with acc.main_process_first():
+                self.cache.build(
+                    records, report, show_progress=self.show_progress and acc.is_local_main_process
+                )
+        except DataError as exc:  # too many bad rows, or none usable: the file still lists every one
+            if acc.is_main_process and report.skipped:
+                report.write_jsonl(skipped_file)
+                raise DataError(f"{exc}\nevery skipped row, with its reason: {skipped_file}") from exc
+            raise
         self.read_report = report
-        if acc.is_main_process and report.skipped:
+        if acc.is_main_process and (report.skipped or report.notes):
             print(f"[data] {report.summary()}", file=sys.stderr)
-            (self.run_dir / "skipped_rows.jsonl").write_text(
-                "".join(json.dumps({"row": r, "reason": why}) + "\n" for r, why in report.skipped)
-            )
+            report.write_jsonl(skipped_file)
 
     def _register_hooks(self) -> None:
         """accelerate's save_state writes the full UNet by default; for LoRA runs save only the adapter, from the
