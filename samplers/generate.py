@@ -211,6 +211,56 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
     return path
 
 
+def manifest_keys(row: dict[str, Any]) -> tuple[tuple[str, Any], tuple[str, Any, Any, Any]]:
+    """What makes a manifest row unique: the image file it describes, and its (checkpoint, prompt, seed)."""
+    return ("path", row.get("path")), ("item", row.get("checkpoint"), row.get("prompt"), row.get("seed"))
+
+
+def read_manifest(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a JSONL manifest (none when the file does not exist). A line that does not parse (a manifest cut
+    short by a kill before writes were atomic) is skipped with a warning naming ``file:line``."""
+    import json
+    import sys
+
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows: list[dict[str, Any]] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            print(f"[manifest] {path}:{number}: not a JSON object; the line is dropped", file=sys.stderr)
+            continue
+        rows.append(row)  # pyright: ignore[reportUnknownArgumentType]  # a JSON object
+    return rows
+
+
+def write_manifest(
+    path: str | Path, previous: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]
+) -> int:
+    """Write ``previous`` rows that no row of ``rows`` replaces (same image file, or same checkpoint, prompt and
+    seed), then ``rows`` (a later row replaces an earlier one of the same key), through a temporary file and a rename:
+    a failed or interrupted run leaves the manifest as it was or with every finished image. Returns the row count."""
+    import json
+
+    path = Path(path)
+    latest: dict[Any, int] = {}
+    for i, row in enumerate(rows):
+        for key in manifest_keys(row):
+            latest[key] = i
+    kept = [r for r in previous if not any(k in latest for k in manifest_keys(r))]
+    kept += [r for i, r in enumerate(rows) if all(latest[k] == i for k in manifest_keys(r))]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    tmp.replace(path)
+    return len(kept)
+
+
 def load_image(path: str | Path) -> np.ndarray:
     """An image file as ``H x W x 3`` uint8 RGB."""
     from PIL import Image

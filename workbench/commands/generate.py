@@ -8,7 +8,6 @@ images of two checkpoints are directly comparable. Also home of the argument hel
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +180,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from samplers import generate_images, load_pipeline_for, noise_seed, parse_checkpoints, save_png
     from samplers.checkpoints import with_negative
+    from samplers.generate import read_manifest, write_manifest
     from workbench.models import DTYPES
 
     prompts, _ = resolve_prompts(args)
@@ -199,39 +199,42 @@ def main(args: argparse.Namespace) -> int:
     )  # before the model loads: a bad folder fails fast, named by workbench.cli
     items = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
     manifest = out / "manifest.jsonl"
-    n = 0
-    with open(manifest, "w", encoding="utf-8") as f:
-        for ckpt in checkpoints:
-            folder = out / "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in ckpt.name)
-            batches = generate_images(
-                lambda c=ckpt: load_pipeline_for(base, c, device=device, dtype=DTYPES[dtype]),
-                [p for _, p, _ in items],
-                [s for _, _, s in items],
-                cfg,
-                batch_size=args.batch_size,
-                desc=f"generate {ckpt.name}",
-            )
-            for idx, images in batches:
-                for j, image in zip(idx, images):
-                    k, prompt, seed = items[j]
-                    path = save_png(image, folder / f"p{k:04d}_s{seed}.png")
-                    f.write(
-                        json.dumps(
-                            {
-                                "path": str(path.relative_to(out)),
-                                "prompt": prompt,
-                                "seed": seed,
-                                "checkpoint": ckpt.name,
-                                "checkpoint_path": ckpt.path,
-                                "sampler": cfg.sampler,
-                                "steps": cfg.steps,
-                                "guidance": cfg.guidance,
-                                "noise_seed": noise_seed(prompt, seed),
-                            }
-                        )
-                        + "\n"
-                    )
-                    n += 1
-                f.flush()
-    print(f"wrote {n} images for {len(checkpoints)} checkpoint(s) to {out}; manifest: {manifest}")
+    # The manifest is rewritten (atomically) only once images exist: a re-run that fails before its first image
+    # leaves it as it was; rows of earlier runs stay unless an image replaces them (same file, or same checkpoint,
+    # prompt and seed).
+    previous = read_manifest(manifest)
+    rows: list[dict[str, Any]] = []
+    total = len(previous)
+    for ckpt in checkpoints:
+        folder = out / "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in ckpt.name)
+        batches = generate_images(
+            lambda c=ckpt: load_pipeline_for(base, c, device=device, dtype=DTYPES[dtype]),
+            [p for _, p, _ in items],
+            [s for _, _, s in items],
+            cfg,
+            batch_size=args.batch_size,
+            desc=f"generate {ckpt.name}",
+        )
+        for idx, images in batches:
+            for j, image in zip(idx, images):
+                k, prompt, seed = items[j]
+                path = save_png(image, folder / f"p{k:04d}_s{seed}.png")
+                rows.append(
+                    {
+                        "path": str(path.relative_to(out)),
+                        "prompt": prompt,
+                        "seed": seed,
+                        "checkpoint": ckpt.name,
+                        "checkpoint_path": ckpt.path,
+                        "sampler": cfg.sampler,
+                        "steps": cfg.steps,
+                        "guidance": cfg.guidance,
+                        "noise_seed": noise_seed(prompt, seed),
+                    }
+                )
+            total = write_manifest(manifest, previous, rows)
+    n = len(rows)
+    print(
+        f"wrote {n} images for {len(checkpoints)} checkpoint(s) to {out}; manifest: {manifest} ({total} rows)"
+    )
     return 0

@@ -1,5 +1,7 @@
-"""``workbench validate CONFIG [overrides]``: exit 0 when the config is valid, else name the bad key and exit 2
-(the ``ConfigError`` is printed by ``workbench.cli``)."""
+"""``workbench validate CONFIG [overrides]``: exit 0 when the config is valid and ``workbench train`` would start,
+else name the bad key and exit 2 (the ``ConfigError`` is printed by ``workbench.cli``). Beside the schema it checks
+what ``train`` checks before loading anything: packages (:func:`workbench.config.check_environment`) and the run
+directory (:func:`workbench.rundir.check_run_dir`: a run there already, a resume with a changed config)."""
 
 from __future__ import annotations
 
@@ -14,9 +16,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from workbench.config import check_environment, load_config, resolved_yaml
+    from workbench.rundir import check_run_dir
 
     cfg = load_config(args.config, args.overrides)
     check_environment(cfg)
+    check_run_dir(cfg)
     if args.print:
         print(resolved_yaml(cfg), end="")
     else:
