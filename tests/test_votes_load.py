@@ -61,6 +61,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}/"
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self.startup_s: list[float] = []  # seconds until each start answered
         config = root / "app.yaml"
         config.write_text(
             f"db: {root / 'votes.sqlite'}\ncache_dir: {root / 'cache'}\nruns_dir: null\nseed: 0\n",
@@ -83,13 +84,14 @@ class Server:
         env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
         self.proc = subprocess.Popen(self.cmd, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        t0 = time.monotonic()
+        while time.monotonic() < t0 + timeout:
             if self.proc.poll() is not None:
                 raise AssertionError(f"the app exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(self.url + "config", timeout=2) as r:
                     if r.status == 200:
+                        self.startup_s.append(time.monotonic() - t0)
                         return
             except OSError:
                 pass
@@ -182,7 +184,7 @@ def _client(url: str, user: str, rounds: list[tuple[str, int]], tally: Tally, st
             while client is not None and not stop.is_set():
                 try:
                     job = client.submit(user, round_id, outcome, ranking, key, None, api_name="/vote")
-                    result: dict[str, Any] = job.result(timeout=20)
+                    result: dict[str, Any] = job.result(timeout=10)  # a killed server never answers
                 except AppError as exc:  # a refusal is a bug here: every vote is valid
                     with tally.lock:
                         tally.refused.append(f"{user} vote {i}: {exc}")
@@ -244,6 +246,8 @@ def test_submit_vote_is_stored_once_per_client_key(tmp_path: Path):
 
 
 @pytest.mark.faults
+# gradio_client's message-stream thread dies with a killed server, as it should; its traceback is not a failure
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_votes_survive_load_and_server_kills(tmp_path: Path):
     total = CLIENTS * VOTES_EACH
     store = VoteStore(tmp_path / "votes.sqlite")
@@ -258,6 +262,7 @@ def test_votes_survive_load_and_server_kills(tmp_path: Path):
     ]
     try:
         server.start()
+        t0 = time.monotonic()
         for t in threads:
             t.start()
         for n in range(1, KILLS + 1):
@@ -273,6 +278,7 @@ def test_votes_survive_load_and_server_kills(tmp_path: Path):
             t.join(timeout=150)
         stop.set()
         assert not any(t.is_alive() for t in threads), f"clients still voting; acknowledged {tally.acked}"
+        voting_s = time.monotonic() - t0
     finally:
         stop.set()
         server.stop()
@@ -294,5 +300,6 @@ def test_votes_survive_load_and_server_kills(tmp_path: Path):
     assert stored == tally.sent  # none lost, each with the decision that was sent
     print(
         f"\nvotes: {total} sent by {CLIENTS} clients, {len(rows)} stored; {KILLS} SIGKILLs at "
-        f"{kills_in_flight} acknowledged; {tally.retries} resends, {tally.duplicates} answered as already stored"
+        f"{kills_in_flight} acknowledged; {tally.retries} resends, {tally.duplicates} answered as already stored; "
+        f"{voting_s:.0f} s of voting, server starts {', '.join(f'{s:.1f}' for s in server.startup_s)} s"
     )
