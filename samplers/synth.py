@@ -45,6 +45,7 @@ import numpy as np
 
 from samplers.generate import from_uint8, png_bytes, save_png
 from samplers.jobs import generate_images
+from workbench.paths import writable_folder
 
 PairMode = Literal["best-worst", "all"]
 RankBy = Literal["score", "phi"]
@@ -161,8 +162,7 @@ def run_synth(
     """Generate, score and write every shard this process owns and that is not done yet."""
     import torch
 
-    out = Path(plan.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(plan.out_dir, "out_dir")
     _check_plan(out / "synth.json", plan, write=process_index == 0)
     if plan.k < 2:
         raise ValueError(f"k must be >= 2 samples per prompt to form preferences, got {plan.k}")

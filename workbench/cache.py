@@ -30,25 +30,30 @@ training and generation condition identically.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from workbench.batch import GroupBatch
-from workbench.data import DataError, PreferenceRecord, ReadReport, load_image, preprocess_crops
+from workbench.data import (
+    DataError,
+    PreferenceRecord,
+    ReadReport,
+    dedupe_group,
+    load_image,
+    preprocess_crops,
+)
 from workbench.models import fingerprint
-
-
-def _hash_bytes(*parts: bytes) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(hashlib.sha256(p).digest())
-    return h.hexdigest()[:32]
 
 
 def _image_bytes(src: Any) -> bytes:
@@ -56,7 +61,7 @@ def _image_bytes(src: Any) -> bytes:
         return src
     try:
         return Path(src).read_bytes()
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
         raise DataError(f"cannot read image file {src}: {exc}") from exc
 
 
@@ -65,8 +70,45 @@ LAYOUT = "v2"  # v2: params_{crop}_{view} and time_ids [n_crops, n_views, 6]
 
 
 def group_key(record: PreferenceRecord, crop: str, hflip: bool, n_crops: int = 1) -> str:
-    settings = f"{LAYOUT}:{crop}:{n_crops}:{hflip}".encode()
-    return _hash_bytes(*(_image_bytes(s) for s in record.images), settings)
+    return _group_key([hashlib.sha256(_image_bytes(s)).digest() for s in record.images], crop, hflip, n_crops)
+
+
+def _group_key(digests: list[bytes], crop: str, hflip: bool, n_crops: int) -> str:
+    """:func:`group_key` from the images' SHA-256 digests: SHA-256 over each image's digest and the settings'."""
+    h = hashlib.sha256()
+    for d in [*digests, hashlib.sha256(f"{LAYOUT}:{crop}:{n_crops}:{hflip}".encode()).digest()]:
+        h.update(d)
+    return h.hexdigest()[:32]
+
+
+class DamagedCacheError(DataError):
+    """A cache file that does not read back (truncated by a full disk or a kill, or edited)."""
+
+    def __init__(self, path: Path, exc: BaseException, cache_dir: Path | str) -> None:
+        super().__init__(
+            f"cache file {path} is damaged ({exc}). Delete it (rm {path}) or clear the cache (rm -r {cache_dir}, "
+            "data.cache.dir): the next run encodes what is missing again."
+        )
+
+
+def _cache_read_errors() -> tuple[type[BaseException], ...]:
+    return (SafetensorError, OSError, KeyError, RuntimeError)
+
+
+@contextlib.contextmanager
+def _quiet_text_truncation() -> Iterator[None]:
+    """diffusers' ``encode_prompt`` logs every truncated caption in full (one 100,000-character caption is a
+    100,000-character warning) and transformers warns about long token sequences; the cache notes such captions once
+    in the data summary instead (``PreferenceCache.build``)."""
+    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def prompt_key(prompt: str) -> str:
@@ -84,6 +126,20 @@ def encode_prompts(pipe: Any, prompts: list[str], family: str) -> dict[str, torc
         return {"prompt_embeds": embeds.float().cpu(), "pooled_embeds": pooled.float().cpu()}
     embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
     return {"prompt_embeds": embeds.float().cpu()}
+
+
+def truncated_prompts(pipe: Any, prompts: set[str]) -> set[str]:
+    """The prompts longer than the pipeline's tokenizers read (``model_max_length`` tokens, BOS and EOS included):
+    ``encode_prompt`` truncates them."""
+    tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t]
+    out: set[str] = set()
+    with _quiet_text_truncation():
+        for tok in tokenizers:
+            limit = int(tok.model_max_length)
+            for p in prompts:  # a token covers at least one UTF-8 byte: only longer prompts can be cut
+                if p not in out and len(p.encode()) + 2 > limit and len(tok(p).input_ids) > limit:
+                    out.add(p)
+    return out
 
 
 @dataclass
@@ -132,16 +188,39 @@ class PreferenceCache:
         hflip, crop, n_crops = self.cfg.hflip, self.cfg.crop, self.cfg.n_crops
         todo: dict[Path, PreferenceRecord] = {}  # one encode per file, even if several records share it
         keyed: list[tuple[PreferenceRecord, Path]] = []
+        time_ids: dict[Path, torch.Tensor] = {}  # of the files already cached (and readable)
+        damaged: list[str] = []
         for rec in records:
             try:
-                key = group_key(rec, crop, hflip, n_crops)
+                digests = [hashlib.sha256(_image_bytes(s)).digest() for s in rec.images]
             except DataError as exc:
                 report.skip(rec.row_id, str(exc))
                 continue
-            path = self.latent_dir / f"{key}.safetensors"
+            deduped = dedupe_group(rec, digests, report)  # the same image under two names
+            if deduped is None:
+                continue
+            if deduped is not rec:
+                digests = list(dict.fromkeys(digests))
+            rec = deduped
+            path = self.latent_dir / f"{_group_key(digests, crop, hflip, n_crops)}.safetensors"
             keyed.append((rec, path))
-            if not path.is_file():
-                todo.setdefault(path, rec)
+            if path in time_ids or path in todo:
+                continue
+            if path.is_file():
+                try:
+                    time_ids[path] = _read_time_ids(path)
+                    _params_shape(
+                        path, n_crops - 1, 1 if hflip else 0, half=False
+                    )  # the last tensor is there
+                    continue
+                except _cache_read_errors() as exc:
+                    damaged.append(f"{path.name} ({exc})")
+            todo[path] = rec
+        if damaged:
+            print(
+                f"[cache] {len(damaged)} damaged file(s) in {self.latent_dir} encoded again, e.g. {damaged[0]}",
+                file=sys.stderr,
+            )
         failed: set[Path] = set()
         pending: list[tuple[Path, list[tuple[torch.Tensor, Any]]]] = []
         bar = tqdm(
@@ -171,13 +250,23 @@ class PreferenceCache:
                 report.skip(rec.row_id, "its images do not decode (see the row with the same images)")
         self._check_bad_fraction(report)
         usable = [(rec, path) for rec, path in keyed if path not in failed]
-        self._build_text(sorted({r.prompt for r, _ in usable} | {""}))
+        prompts = {r.prompt for r, _ in usable}
+        cut = truncated_prompts(self.pipe, prompts)
+        for rec, _ in usable:
+            if rec.prompt in cut:
+                report.note(
+                    "a caption longer than the text encoder reads (truncated, as the pipeline does)",
+                    rec.row_id,
+                )
+        self._build_text(sorted(prompts | {""}))
         for rec, path in usable:
+            if path not in time_ids:
+                time_ids[path] = _read_time_ids(path)
             self.items.append(
                 CachedItem(
                     path,
                     rec.prompt,
-                    _read_time_ids(path),
+                    time_ids[path],
                     rec.k,
                     1.0 if rec.pref_prob is None else float(rec.pref_prob),
                     tuple(rec.scores) if rec.scores is not None else None,
@@ -185,7 +274,7 @@ class PreferenceCache:
             )
         self.has_scores = any(item.scores is not None for item in self.items)
         if not self.items:
-            raise DataError("no usable preference groups: every row was skipped\n" + report.summary())
+            raise DataError(report.nothing_usable())
 
     def _check_bad_fraction(self, report: ReadReport) -> None:
         if report.total and len(report.skipped) / report.total > self.cfg.max_bad_fraction:
@@ -226,15 +315,32 @@ class PreferenceCache:
         return torch.cat(out)
 
     def _build_text(self, prompts: list[str]) -> None:
-        missing = [p for p in prompts if not (self.text_dir / f"{prompt_key(p)}.safetensors").is_file()]
+        missing, damaged = [], []
+        for p in prompts:
+            path = self.text_dir / f"{prompt_key(p)}.safetensors"
+            if not path.is_file():
+                missing.append(p)
+                continue
+            try:
+                self._text[p] = load_file(str(path))
+            except _cache_read_errors() as exc:
+                damaged.append(f"{path.name} ({exc})")
+                missing.append(p)
+        if damaged:
+            print(
+                f"[cache] {len(damaged)} damaged file(s) in {self.text_dir} encoded again, e.g. {damaged[0]}",
+                file=sys.stderr,
+            )
         for i in range(0, len(missing), 64):
             chunk = missing[i : i + 64]
-            enc = encode_prompts(self.pipe, chunk, self.family)
+            with _quiet_text_truncation():
+                enc = encode_prompts(self.pipe, chunk, self.family)
             for j, p in enumerate(chunk):
                 path = self.text_dir / f"{prompt_key(p)}.safetensors"
-                save_file({k: v[j].contiguous() for k, v in enc.items()}, str(path))
-        for p in prompts:
-            self._text[p] = load_file(str(self.text_dir / f"{prompt_key(p)}.safetensors"))
+                self._text[p] = {k: v[j].contiguous() for k, v in enc.items()}
+                tmp = path.with_suffix(".tmp")
+                save_file(self._text[p], str(tmp))
+                tmp.replace(path)  # atomic, as the latent files
 
     # ---------------------------------------------------------------------------------------------- serving
     def __len__(self) -> int:
@@ -276,10 +382,12 @@ class PreferenceCache:
             crop = int(torch.randint(0, item.n_crops, (1,), generator=generator)) if item.n_crops > 1 else 0
             view = int(torch.randint(0, 2, (1,), generator=generator)) if hflip and item.n_views > 1 else 0
             if row not in rows:  # another process's group: make its draws (same shapes), load nothing
-                torch.randn(_params_shape(item.latent_file, crop, view, half=True), generator=generator)
+                torch.randn(self._params_shape(item.latent_file, crop, view), generator=generator)
                 torch.rand((), generator=generator)
                 continue
-            mean, logvar = _load_params(item.latent_file, crop, view).chunk(2, dim=1)  # [K, C, h, w] each
+            mean, logvar = self._load_params(item.latent_file, crop, view).chunk(
+                2, dim=1
+            )  # [K, C, h, w] each
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
             noise = torch.randn(mean.shape, generator=generator)
             x0 = self._unet_latents(mean + std * noise)
@@ -310,6 +418,18 @@ class PreferenceCache:
             pref_prob=torch.tensor([item.pref_prob for item in items], dtype=torch.float32),
             scores=scores,
         )
+
+    def _load_params(self, path: Path, crop: int, view: int) -> torch.Tensor:
+        try:
+            return _load_params(path, crop, view)
+        except _cache_read_errors() as exc:  # damaged or deleted under a running job
+            raise DamagedCacheError(path, exc, self.cfg.cache.dir) from exc
+
+    def _params_shape(self, path: Path, crop: int, view: int) -> tuple[int, ...]:
+        try:
+            return _params_shape(path, crop, view, half=True)
+        except _cache_read_errors() as exc:
+            raise DamagedCacheError(path, exc, self.cfg.cache.dir) from exc
 
     def _unet_latents(self, z: torch.Tensor) -> torch.Tensor:
         """A VAE posterior sample ``[..., C, h, w]`` scaled for the UNet: the inverse of the pipeline's decode."""

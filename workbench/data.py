@@ -626,9 +626,12 @@ def load_image(src: ImageSource) -> Any:
     try:
         img = Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)
         img.load()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        return img.convert("RGB")
+    except UnidentifiedImageError as exc:
+        what = "its bytes" if isinstance(src, bytes) else src
+        raise DataError(f"image does not decode: {what} is not an image format Pillow reads") from exc
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"image does not decode: {exc}") from exc
-    return img.convert("RGB")
 
 
 @dataclass(frozen=True)

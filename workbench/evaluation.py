@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from workbench.paths import writable_folder
 from workbench.report import format_table, write_grid, write_html, write_text
 from workbench.stats import (
     LEVEL,
@@ -144,8 +145,7 @@ def run_eval(
 
     loader = load or load_default
 
-    out = Path(plan.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(plan.out_dir, "out_dir")
     cache = ImageCache(plan.cache_dir) if plan.cache_dir is not None else None
     items = plan.items
     prompts = [p for p, _ in items]

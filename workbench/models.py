@@ -43,7 +43,10 @@ def detect_family(source: str) -> str:
             raise ModelLoadError(
                 f"{path} is a folder but has no model_index.json: not a diffusers pipeline folder"
             )
-        cls = json.loads(index.read_text()).get("_class_name", "")
+        try:
+            cls = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+            raise ModelLoadError(f"{index}: not a diffusers model_index.json ({exc})") from exc
         if "XL" in cls:
             return "sdxl"
         if cls.startswith("StableDiffusion"):
@@ -51,10 +54,7 @@ def detect_family(source: str) -> str:
         raise ModelLoadError(f"{index}: pipeline class {cls!r} is not supported (SDXL, SD1.5, SD2.x are)")
     if path.is_file():
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                keys = list(f.keys())
+            keys = _safetensors_keys(path)
         else:
             raise ModelLoadError(
                 f"{path}: cannot detect the family of a non-safetensors file; set model.family"
@@ -63,8 +63,64 @@ def detect_family(source: str) -> str:
             return "sdxl"
         if any(k.startswith("model.diffusion_model.") for k in keys):
             return "sd15"
-        raise ModelLoadError(f"{path}: keys look like neither an SDXL nor an SD1.5/2.x checkpoint")
+        raise ModelLoadError(f"{path}: {_not_a_checkpoint(keys)}")
     raise ModelLoadError(f"cannot detect the family of hub id {source!r}; set model.family to sdxl or sd15")
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as exc:
+        raise ModelLoadError(
+            f"{path}: not a readable safetensors file ({exc}); it may be truncated (re-download it) or another format"
+        ) from exc
+
+
+def _not_a_checkpoint(keys: list[str]) -> str:
+    """Why a safetensors file is no SDXL / SD1.5 checkpoint, with a hint from its keys."""
+    if not keys:
+        return "holds no tensors: not a model checkpoint"
+    if any(".lora_" in k or k.startswith("lora_") for k in keys):
+        return (
+            "is a LoRA, not a base model: give the base as model.source (or --base) and the LoRA as a checkpoint "
+            "(workbench generate/eval -c NAME=PATH)"
+        )
+    return (
+        f"keys look like neither an SDXL nor an SD1.5/2.x checkpoint (first keys: {', '.join(sorted(keys)[:3])}); "
+        "give a full single-file checkpoint or a diffusers folder"
+    )
+
+
+#: components the loader does without (``load_pipeline`` passes ``safety_checker=None`` for SD1.5)
+_OPTIONAL_COMPONENTS = frozenset({"safety_checker", "feature_extractor", "image_encoder"})
+
+
+def _check_pipeline_folder(path: Path) -> None:
+    """A diffusers folder has a subfolder for each component its model_index.json lists; name a missing one."""
+    try:
+        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # detect_family (family=auto) names it; from_pretrained reports it otherwise
+    if not isinstance(index, dict):
+        return
+    missing = [
+        name
+        for name, spec in index.items()
+        if not name.startswith("_")
+        and name not in _OPTIONAL_COMPONENTS
+        and isinstance(spec, list)
+        and len(spec) == 2
+        and spec[0] is not None
+        and not (path / name).is_dir()
+    ]
+    if missing:
+        raise ModelLoadError(
+            f"{path}: the pipeline folder has no {', '.join(f'{m}/' for m in missing)} (model_index.json lists "
+            f"{'it' if len(missing) == 1 else 'them'}); copy the complete pipeline folder"
+        )
 
 
 def load_pipeline(
@@ -90,6 +146,12 @@ def load_pipeline(
         )
     fam = family if family not in (None, "auto") else detect_family(source)
     cls = _pipeline_class(fam)
+    if path.is_dir():
+        _check_pipeline_folder(path)
+    elif path.is_file() and path.suffix == ".safetensors" and family not in (None, "auto"):
+        keys = _safetensors_keys(path)  # a damaged file is named here, not by a Rust error from diffusers
+        if not keys or any(".lora_" in k or k.startswith("lora_") for k in keys):
+            raise ModelLoadError(f"{path}: {_not_a_checkpoint(keys)}")
     kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
     if fam == "sd15":
         kwargs.update(safety_checker=None, requires_safety_checker=False)

@@ -79,7 +79,9 @@ def main(args: argparse.Namespace) -> int:
         sampling_config,
     )
     from workbench.evaluation import EvalPlan, format_table, run_eval
+    from workbench.paths import writable_folder
 
+    writable_folder(args.out, "-o")  # before any model or scorer loads
     is_toy = args.base == "toy"
     if not args.prompt_list and not args.prompts:
         args.prompts = "toy:heldout" if is_toy else "parti"

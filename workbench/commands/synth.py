@@ -53,7 +53,9 @@ def main(args: argparse.Namespace) -> int:
     from workbench.commands.generate import resolve_base, resolve_device, resolve_prompts, sampling_config
     from workbench.distributed import process_state
     from workbench.models import DTYPES
+    from workbench.paths import writable_folder
 
+    writable_folder(args.out, "-o")  # before any model or scorer loads
     if not args.prompt_list and not args.prompts:
         args.prompts = "toy:train" if args.base == "toy" else None
     if args.negative is not None:
