@@ -90,6 +90,26 @@ def test_image_paths_outside_the_dataset_folder_are_skipped_by_row(tmp_path: Pat
     assert len(trusted) == 6 and not report.skipped
 
 
+def test_image_folder_symlinks_out_are_skipped_and_non_utf8_captions_noted(tmp_path: Path):
+    """An image_folder source read a symlink to a file outside, and decoded a Latin-1 caption with replacement
+    characters without a word."""
+    folder, outside = tmp_path / "imgs", tmp_path / "elsewhere"
+    _images(folder, "a.png", "b.png")
+    _images(outside, "secret.png")
+    (folder / "c.png").symlink_to(outside / "secret.png")
+    (folder / "a.txt").write_text("a red square")
+    (folder / "b.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (folder / "c.txt").write_text("a stolen image")
+    records, report = read_records(_source("image_folder", folder), group="ranking", min_k=1)
+    assert [r.row_id for r in records] == ["a.png", "b.png"] and records[1].prompt == "caf\ufffd au lait"
+    assert report.skipped[0][0] == "c.png" and "outside the dataset folder" in report.skipped[0][1]
+    assert report.notes == {"a caption file that is not UTF-8 (read with replacement characters)": ["b.png"]}
+    records, _ = read_records(
+        _source("image_folder", folder, allow_outside_paths=True), group="ranking", min_k=1
+    )
+    assert len(records) == 3
+
+
 # ---------------------------------------------------------------------------------------- part 3: the rows
 def test_bytes_captions_are_decoded_and_non_utf8_ones_skipped_by_row(tmp_path: Path):
     """A binary caption column arrived as the text "b'a red square'" (str of bytes); now it is decoded, and a caption

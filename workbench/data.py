@@ -474,8 +474,9 @@ def read_image_folder(
     same-name ``.txt`` caption beside it, one ``K = 1`` record each (row id = the file name). The layout of
     LAION-style folders and of Self-NPO's ``CustomImageDataset`` (G-U-N/Diffusion-NPO ``Self-NPO/train.py`` L91-133,
     which keeps ``.png``/``.jpg`` files that have a ``.txt``). For objectives that need no preference (``self_npo``)
-    or only the preferred images (``sft``). An image without a caption, or an empty caption, is skipped and reported.
-    ``drop_ties`` / ``labels`` do not apply (no labels)."""
+    or only the preferred images (``sft``). An image without a caption, or an empty caption, is skipped and reported;
+    so is a symlink leading out of the folder (unless ``allow_outside_paths``). A caption that is not UTF-8 is read
+    with replacement characters and noted. ``drop_ties`` / ``labels`` do not apply (no labels)."""
     folder = Path(path)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder (data.sources[].path of an image_folder source)")
@@ -492,10 +493,19 @@ def read_image_folder(
         if not caption_file.is_file():
             report.skip(file.name, f"no caption file {caption_file.name} beside it")
             continue
-        caption = caption_file.read_text(encoding="utf-8", errors="replace").strip()
+        try:
+            _resolve(folder, file.name, allow_outside=allow_outside_paths)
+            _resolve(folder, caption_file.name, allow_outside=allow_outside_paths)
+        except OutsidePathError as exc:  # a symlink leading out of the folder
+            report.skip(file.name, str(exc))
+            continue
+        raw = caption_file.read_bytes()
+        caption = raw.decode("utf-8", errors="replace").strip()
         if not caption:
             report.skip(file.name, f"{caption_file.name} is empty")
             continue
+        if "\ufffd" in caption and "\ufffd".encode() not in raw:
+            report.note("a caption file that is not UTF-8 (read with replacement characters)", file.name)
         yield PreferenceRecord(caption, [str(file)], file.name)
 
 
