@@ -298,7 +298,12 @@ def test_policy_is_in_train_mode_from_setup_through_validation_and_resume(workdi
     trainer.train()
     assert unet.training
     resumed = _trainer(
-        SDXL_LORA, "run.name=modes", "model.lora.dropout=0.1", *overrides[:-4], "train.max_steps=3"
+        SDXL_LORA,
+        "run.name=modes",
+        "model.lora.dropout=0.1",
+        *overrides[:-4],
+        "train.max_steps=3",
+        "train.resume=latest",
     )
     resumed._maybe_resume()
     assert resumed.accelerator.unwrap_model(resumed.unet).training
