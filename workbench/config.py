@@ -97,7 +97,8 @@ class DataSource(_Strict):
         default=False,
         description="pair_jsonl / ranking_jsonl: image paths must resolve inside the JSONL file's folder (symlinks "
         "followed); rows naming a path outside (../../etc/passwd, an absolute path elsewhere) are skipped and "
-        "reported. true: trust this file's paths wherever they point.",
+        "reported. image_folder: symlinks leading out of the folder are skipped. true: trust this source's paths "
+        "wherever they point.",
     )
 
 
