@@ -270,6 +270,7 @@ def _trainer(size: str, workdir: Path, variant: str, pairs: int) -> Any:
         "optimizer.weight_decay=0.01",
         f"run.output_dir={workdir / 'runs'}",
         f"run.name={size}_{variant.replace('+', '_')}",
+        "train.overwrite=true",  # scratch runs: BENCH_WORKDIR may hold the last invocation's
         "validation.prompts=[]",
         *([] if variant == "baseline" else OPTIONS[variant]),
     ]

@@ -381,6 +381,7 @@ class Bench:
             "model.text_encoder_dtype=bf16",
             f"run.output_dir={self.workdir / 'runs'}",
             f"run.name={run}",
+            "train.overwrite=true",  # a fallback retry (gradient checkpointing on) reuses the scratch run's folder
             "run.seed=0",  # configs/*/self_npo.yaml's 453645634 overflows Trainer.reseed's generator seed
             "logging.tensorboard=false",
             "logging.wandb_project=null",
