@@ -1,4 +1,8 @@
-"""``workbench train CONFIG [key.sub=value ...]``; multi-GPU: ``accelerate launch -m workbench train CONFIG``."""
+"""``workbench train CONFIG [key.sub=value ...]``; multi-GPU: ``accelerate launch -m workbench train CONFIG``.
+
+A run directory that already holds a run is refused unless ``train.resume=latest`` continues it or
+``train.overwrite=true`` replaces it (or a new ``run.name`` is given); a resume may not change what is trained
+(:mod:`workbench.rundir`). These checks run before anything loads."""
 
 from __future__ import annotations
 
@@ -9,7 +13,10 @@ import sys
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML run config (see configs/)")
     parser.add_argument(
-        "overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 optimizer.lr=1e-5"
+        "overrides",
+        nargs="*",
+        help="dotted overrides, e.g. train.max_steps=20 optimizer.lr=1e-5; into an existing run: "
+        "train.resume=latest (continue) or train.overwrite=true (replace)",
     )
     parser.add_argument("--no-progress", action="store_true", help="disable progress bars")
 
