@@ -207,6 +207,7 @@ class VoteStore:
         self.image_dir = Path(image_dir) if image_dir is not None else self.path.parent / "images"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.image_dir.mkdir(parents=True, exist_ok=True)
+        self._image_root = self.image_dir.resolve()
         self._migrate(tuple(migrations))
 
     # ------------------------------------------------------------------------------------------- connections
@@ -275,7 +276,7 @@ class VoteStore:
                 "corrupt (restore it from a copy)"
             )
         path = self.image_dir / sha[:2] / f"{sha}.png"
-        if not path.resolve().is_relative_to(self.image_dir.resolve()):
+        if not path.resolve().is_relative_to(self._image_root):
             raise StoreError(
                 f"{path}: a symlink leads outside the image folder {self.image_dir}; remove it (images are plain "
                 "files written by the store)"
