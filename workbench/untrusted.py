@@ -116,4 +116,5 @@ def imported_global(path: Path) -> str | None:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+    first = text[0].split(". ")[0][:200] if text else ""  # torch's reasons run on for several sentences
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
