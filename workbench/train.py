@@ -13,7 +13,8 @@ Run directory (its safety rules, overwrite and resume, are :mod:`workbench.rundi
 
     config.resolved.yaml  environment.json  metrics.jsonl  tensorboard/  validation/step_XXXXXX.png
     config.resolved.resume-XXXXXX.yaml  resume_log.jsonl  (one per resume)
-    checkpoints/step_XXXXXX/{lora/ | unet/, training_state/, COMPLETE}   final/{lora/ | unet/, COMPLETE}
+    checkpoints/step_XXXXXX/{lora/ | unet/, training_state/, manifest.json, COMPLETE}   final/{lora/ | unet/, COMPLETE}
+    rescued/step_XXXXXX/  (the weights alone, after a checkpoint write failed)
 """
 
 from __future__ import annotations
