@@ -66,6 +66,7 @@ class AppSettings:
     cache_dir: str | None = None  # generation cache (default $WORKBENCH_CACHE/generations)
     export_dir: str | None = None  # default: exports/ beside the database
     curate_root: str | None = None  # when set, curated folders must lie inside it
+    checkpoint_root: str | None = None  # when set, checkpoints added in the app must lie inside it
     max_prompt_chars: int = 500
     max_seeds: int = 16
     max_steps: int = 200
@@ -265,10 +266,25 @@ def add_checkpoint(ctx: AppContext, spec: str | None) -> str:
         (ckpt,) = parse_checkpoints([text])
     except (ValueError, FileNotFoundError) as exc:
         raise InputError(str(exc)) from None
+    if ctx.settings.checkpoint_root is not None:
+        for path in (ckpt.path, ckpt.negative):
+            if path is not None:
+                _check_inside(Path(path), ctx.settings.checkpoint_root)
     if ckpt.name in ctx.renderer.names():
         raise InputError(f"a checkpoint named {ckpt.name!r} is already there; name this one as NAME=PATH")
     add(ckpt)
     return ckpt.name
+
+
+def _check_inside(path: Path, root: str) -> None:
+    """``path`` (a file or a folder and every file in it) lies inside ``root`` once symlinks are resolved."""
+    allowed = Path(root).expanduser().resolve()
+    files = [path, *path.rglob("*")] if path.is_dir() else [path]
+    outside = [f for f in files if not f.resolve().is_relative_to(allowed)]
+    if outside:
+        raise InputError(
+            f"checkpoint {outside[0]} is outside the allowed root {root} (--checkpoint-root); copy it there"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- validation

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from app_fixtures import FakeRenderer
 
-from apps.handlers import AppContext, AppSettings, InputError, export, load_folder
+from apps.handlers import AppContext, AppSettings, InputError, add_checkpoint, export, load_folder
 from apps.store import StoreError, VoteStore, export_votes
 from samplers import png_bytes
 from workbench.cli import main
@@ -165,6 +165,70 @@ def test_curate_import_stays_inside_its_root_and_folder(tmp_path: Path):
         with pytest.raises(InputError, match="outside the allowed root"):
             load_folder(ctx, str(folder), "a prompt")
     assert store.counts()["images"] == 2  # nothing from outside entered the store
+
+
+# ------------------------------------------------------------------------------------ checkpoints added in the app
+def _lora(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    return folder
+
+
+def test_checkpoints_added_in_the_app_stay_inside_the_checkpoint_root(tmp_path: Path):
+    root = tmp_path / "ckpts"
+    _lora(root / "run" / "final" / "lora")
+    outside = _lora(tmp_path / "outside" / "lora")
+    (root / "linked").symlink_to(outside)  # a folder under the root leading out
+    _lora(root / "mixed")
+    (root / "mixed" / "pytorch_lora_weights.safetensors").unlink()  # the weights file itself leads out
+    (root / "mixed" / "pytorch_lora_weights.safetensors").symlink_to(
+        outside / "pytorch_lora_weights.safetensors"
+    )
+    store = VoteStore(tmp_path / "store" / "votes.sqlite")
+    settings = AppSettings(db=str(store.path), runs_dir=None, checkpoint_root=str(root))
+    ctx = AppContext(settings, renderer=FakeRenderer(), store=store)
+
+    assert add_checkpoint(ctx, f"mine={root / 'run'}") == "mine"
+    for spec in (
+        f"a={outside}",
+        f"b={root / '..' / 'outside' / 'lora'}",
+        f"c={root / 'linked'}",
+        f"d={root / 'mixed'}",
+        f"e={root / 'run'},negative={outside}",  # the NPO model of negative guidance
+    ):
+        with pytest.raises(
+            InputError, match=r"is outside the allowed root .* \(--checkpoint-root\); copy it there"
+        ):
+            add_checkpoint(ctx, spec)
+    assert ctx.renderer.names() == ["base", "tuned", "mine"]
+    ctx.settings.checkpoint_root = None  # without a root any readable path is taken, as on the command line
+    assert add_checkpoint(ctx, f"a={outside}") == "a"
+
+
+def test_app_warns_when_bound_beyond_this_machine_without_roots(
+    capsys, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    pytest.importorskip("gradio", reason="the app needs the 'app' extra: pip install -e '.[app]'")
+    import apps.app
+
+    monkeypatch.setattr(apps.app, "launch", lambda *a, **k: None)  # the warnings come before the launch
+    monkeypatch.chdir(tmp_path)
+    argv = [
+        "app",
+        "--host",
+        "0.0.0.0",
+        "--auth",
+        "a:b",
+        "--db",
+        str(tmp_path / "v.sqlite"),
+        "--curate-root",
+        ".",
+    ]
+    assert main([*argv, "--runs-dir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "users can add checkpoints from any path on this machine; confine them with --checkpoint-root" in err
+    )
 
 
 # --------------------------------------------------------------------------------------------- files it serves

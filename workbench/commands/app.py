@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prompts", action="append", dest="prompt_sets", metavar="SET", help="prompt sets to draw from"
     )
     parser.add_argument("--curate-root", default=None, help="only folders inside this one may be curated")
+    parser.add_argument(
+        "--checkpoint-root", default=None, help="only checkpoints inside this folder may be added in the app"
+    )
     parser.add_argument("--steps", type=int, default=None, help="default sampling steps")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=("auto", "fp32", "fp16", "bf16"))
@@ -82,6 +85,7 @@ def main(args: argparse.Namespace) -> int:
         scorers=args.scorers,
         prompt_sets=args.prompt_sets,
         curate_root=args.curate_root,
+        checkpoint_root=args.checkpoint_root,
         steps=args.steps,
         device=args.device,
         dtype=args.dtype,
@@ -93,6 +97,16 @@ def main(args: argparse.Namespace) -> int:
             + ("" if auth else " and has no login (add --auth USER:PASS)"),
             file=sys.stderr,
         )
+        what = {"--curate-root": "curate folders", "--checkpoint-root": "add checkpoints"}
+        unconfined = [
+            f for f, root in zip(what, (settings.curate_root, settings.checkpoint_root)) if root is None
+        ]
+        if unconfined:
+            print(
+                f"warning: users can {' and '.join(what[f] for f in unconfined)} from any path on this machine; "
+                f"confine them with {' and '.join(unconfined)}",
+                file=sys.stderr,
+            )
     ctx = AppContext(settings)
     print(f"votes go to {settings.db}; checkpoints: {', '.join(ctx.renderer.names())}")
     launch(ctx, host=args.host, port=args.port, auth=auth, block=True)
