@@ -463,15 +463,24 @@ def test_no_reader_preprocessing_or_cache_step_dies_on_a_bad_row(
     _write_image_files(data)
     good = [(data / f"g{i}.png").read_bytes() for i in range(3)]
 
+    # each field is good about three times in four or more (one_of picks a branch uniformly), so that most
+    # examples hold rows that reach the cache beside the bad ones
     junk = st.one_of(st.integers(-2, 2), st.none(), st.booleans(), st.lists(st.integers(0, 1), max_size=2))
-    refs = st.one_of(st.sampled_from(_REFS), junk)
+    good_refs = st.sampled_from(_REFS[:3])
+    refs = st.one_of(good_refs, good_refs, good_refs, good_refs, good_refs, st.sampled_from(_REFS), junk)
+    good_prompts = st.sampled_from(["a red square", "a blue circle", "caf\u00e9 \u2603"])
     prompts = st.one_of(
-        st.sampled_from(["a red square", "", "   ", "a blue square " * 8000, "caf\u00e9 \u2603"]),
+        good_prompts,
+        good_prompts,
+        good_prompts,
+        good_prompts,
+        st.sampled_from(["", "   ", "a blue square " * 8000]),
         st.text(max_size=12),
         junk,
     )
+    good_prefs = st.sampled_from([0, 1, 0.7, 3, 0.5])
     prefs = st.one_of(
-        st.sampled_from([0, 1, 0.5, 0.7, 3]), st.floats(allow_nan=True, allow_infinity=True), junk
+        good_prefs, good_prefs, good_prefs, st.floats(allow_nan=True, allow_infinity=True), junk
     )
 
     def maybe_drop(row: dict[str, Any], drop: list[str]) -> dict[str, Any]:
@@ -482,12 +491,21 @@ def test_no_reader_preprocessing_or_cache_step_dies_on_a_bad_row(
         st.fixed_dictionaries(
             {"prompt": prompts, "image_0": refs, "image_1": refs, "prefer_0": prefs, "prefer_1": prefs}
         ),
-        st.lists(st.sampled_from(["prompt", "image_0", "prefer_1"]), max_size=1),
+        st.one_of(
+            st.just([]), st.just([]), st.lists(st.sampled_from(["prompt", "image_0", "prefer_1"]), max_size=1)
+        ),
     )
     ranking_row = st.fixed_dictionaries(
-        {"prompt": prompts, "images": st.one_of(st.lists(refs, max_size=4), junk)},
+        {
+            "prompt": prompts,
+            "images": st.one_of(st.lists(refs, min_size=2, max_size=4), st.lists(refs, max_size=4), junk),
+        },
         optional={
-            "scores": st.one_of(st.lists(prefs, max_size=4), junk),
+            "scores": st.one_of(
+                st.lists(st.floats(0, 1), min_size=2, max_size=4).map(lambda v: sorted(v, reverse=True)),
+                st.lists(prefs, max_size=4),
+                junk,
+            ),
             "captions": st.one_of(st.lists(prompts, max_size=4), junk),
         },
     )
@@ -508,14 +526,23 @@ def test_no_reader_preprocessing_or_cache_step_dies_on_a_bad_row(
 
     cells = st.one_of(
         st.sampled_from(good),
+        st.sampled_from(good),
+        st.sampled_from(good),
+        st.sampled_from(good),
         st.sampled_from(good).map(lambda b: b[: len(b) // 2]),  # truncated
         st.binary(max_size=24),  # junk or empty
         st.none(),
     )
-    captions = st.one_of(st.sampled_from(["x", "", "a red square " * 8000]), st.none())
-    byte_captions = st.one_of(st.sampled_from([b"a red square", "caf\xe9".encode("latin-1"), b""]), st.none())
+    captions = st.one_of(st.just("x"), st.just("y"), st.sampled_from(["", "a red square " * 8000]), st.none())
+    byte_captions = st.one_of(
+        st.just(b"a red square"),
+        st.sampled_from([b"a red square", "caf\xe9".encode("latin-1"), b""]),
+        st.none(),
+    )
     parquet_rows = st.lists(
-        st.tuples(cells, cells, st.sampled_from([0.0, 1.0, 0.5, 0.3, None]), captions, byte_captions),
+        st.tuples(
+            cells, cells, st.sampled_from([0.0, 1.0, 0.0, 1.0, 0.5, 0.3, None]), captions, byte_captions
+        ),
         max_size=6,
     )
 
@@ -548,11 +575,11 @@ def test_no_reader_preprocessing_or_cache_step_dies_on_a_bad_row(
         ],
     )
     @given(
-        pairs=st.lists(st.one_of(pair_row, raw_lines), max_size=5),
-        rankings=st.lists(st.one_of(ranking_row, raw_lines), max_size=5),
+        pairs=st.lists(st.one_of(pair_row, pair_row, pair_row, raw_lines), max_size=5),
+        rankings=st.lists(st.one_of(ranking_row, ranking_row, ranking_row, raw_lines), max_size=5),
         repeat=st.integers(0, 2),
         rows=parquet_rows,
-        layout=st.sampled_from(["plain", "binary captions", "string labels", "no caption column"]),
+        layout=st.sampled_from(["plain", "plain", "binary captions", "string labels", "no caption column"]),
         drop_ties=st.booleans(),
         outside=st.booleans(),
     )
@@ -565,9 +592,17 @@ def test_no_reader_preprocessing_or_cache_step_dies_on_a_bad_row(
         drop_ties: bool,
         outside: bool,
     ) -> None:
-        (data / "pairs.jsonl").write_bytes(jsonl(pairs, repeat))
-        (data / "rank.jsonl").write_bytes(jsonl(rankings, repeat))
-        parquet(rows, layout, data / "p.parquet")
+        # a good row first and last in every file: the bad rows sit among rows that reach the cache
+        good_pair = _pair("g0.png", "g1.png")
+        good_ranking = {
+            "prompt": "a green square",
+            "images": ["g2.png", "g0.png", "g1.png"],
+            "scores": [3, 2, 1],
+        }
+        good_cells = (good[0], good[2], 1.0, "a red square", b"a red square")
+        (data / "pairs.jsonl").write_bytes(jsonl([good_pair, *pairs, good_pair], repeat))
+        (data / "rank.jsonl").write_bytes(jsonl([good_ranking, *rankings, good_ranking], repeat))
+        parquet([good_cells, *rows, good_cells], layout, data / "p.parquet")
         for fmt, name in (
             ("pair_jsonl", "pairs.jsonl"),
             ("ranking_jsonl", "rank.jsonl"),
