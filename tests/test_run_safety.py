@@ -278,6 +278,22 @@ def test_after_a_kill_and_a_resume_metrics_have_each_step_once(
         assert x["train/loss"] == pytest.approx(y["train/loss"], abs=1e-6)
 
 
+def test_after_a_kill_and_a_resume_tensorboard_shows_each_step_once(
+    tiny_fixtures: dict[str, Path], tmp_path: Path
+):
+    """The resume at step 2 purges the interrupted run's events after step 2 (SummaryWriter purge_step), as
+    TensorBoard reads them (tensorboard's EventAccumulator)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = _train(tiny_fixtures, tmp_path / "runs" / "tb", "logging.tensorboard=true")
+    shutil.rmtree(run_dir / "final")  # killed after step 4, before the final save
+    _train(tiny_fixtures, run_dir, "logging.tensorboard=true", "train.resume=latest")
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert _steps(run_dir) == [1, 2, 3, 4]
+
+
 # ---------------------------------------------------------------------------------- 3. the generate manifest
 def _generate(base: Path, out: Path, *extra: str) -> int:
     from workbench.commands import generate

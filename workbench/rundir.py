@@ -88,6 +88,13 @@ class ResumePlan:
     saved_config: Path | None = None
     changed: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
+    @property
+    def step(self) -> int | None:
+        """The step of the checkpoint (``step_XXXXXX``), or None."""
+        name = self.checkpoint.name if self.checkpoint is not None else ""
+        digits = name.removeprefix("step_")
+        return int(digits) if name.startswith("step_") and digits.isdigit() else None
+
 
 def prior_outputs(run_dir: Path) -> list[str]:
     """The outputs that show ``run_dir`` already holds a run: ``final/``, a non-empty ``checkpoints/``,

@@ -212,7 +212,11 @@ class Trainer:
         self._register_hooks()
         if acc.is_main_process and log_with:
             flat = json.loads(json.dumps(cfg.model_dump(mode="json")))
-            acc.init_trackers("tensorboard", config=_flatten_for_tb(flat))
+            # A resume at step S purges the TensorBoard events after S that the interrupted run logged (SummaryWriter's
+            # purge_step), as metrics.jsonl drops its lines after S: each step is shown once.
+            step = self.resume_plan.step if self.resume_plan is not None else None
+            purge = {"tensorboard": {"purge_step": step + 1}} if step else {}
+            acc.init_trackers("tensorboard", config=_flatten_for_tb(flat), init_kwargs=purge)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         latent_shape = tuple(
             self.cache.batch(
