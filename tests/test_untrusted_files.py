@@ -126,6 +126,22 @@ def test_resume_refuses_a_planted_pickle_in_the_checkpoint(run_copy: Path, tmp_p
     assert trainer.counters.step == 0
 
 
+def test_the_cli_reports_a_planted_pickle_as_one_message(
+    run_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """``workbench train ... train.resume=latest``: exit code 2 and one line naming the file, no traceback."""
+    from workbench.cli import main
+
+    checkpoint = list_checkpoints(run_copy)[-1]
+    marker = tmp_path / "marker"
+    plant(checkpoint / "training_state" / "optimizer.bin", marker)
+    args = ["train", str(ROOT / SDXL_LORA), *RUN, f"run.name={run_copy.name}", "train.resume=latest"]
+    assert main([*args, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "workbench train: error: checkpoint file " in err and "optimizer.bin: refusing to load it" in err
+    assert "Traceback" not in err and not marker.exists()
+
+
 def test_a_checkpoint_of_the_old_layout_still_resumes(run_copy: Path):
     """custom_checkpoint_{0,1}.pkl holding plain dicts of ints pass the weights_only load; accelerate never sees
     them (it would count them against registered objects and unpickle them with weights_only=False)."""
