@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from workbench.data import OutsidePathError, resolve_image_path
+
 ScoreFn = Callable[[Any, list[str]], Any]  # (images [B, 3, H, W] float in [0, 1], prompts) -> [B] scores
 SOFT_COLUMNS = ("score_0", "score_1", "soft_label_0", "soft_label_1", "scorer")
 
@@ -176,12 +178,15 @@ def relabel(
     fresh: bool = False,
     max_failed: float = 0.01,
     progress: Callable[[str], None] | None = None,
+    allow_outside_paths: bool = False,
 ) -> RelabelResult:
     """Add ``score_*`` / ``soft_label_*`` / ``scorer`` to a Pick-a-Pic parquet (a file or a folder of shards) or a
     pair JSONL file, in place, scoring ``batch_size`` pairs at a time and resuming from the side folder.
 
     Rows whose images do not decode get null scores and labels (skipped when read with ``labels: scorer``); more
-    than ``max_failed`` of them (a fraction) is refused before anything is rewritten."""
+    than ``max_failed`` of them (a fraction) is refused before anything is rewritten. Pair JSONL image paths must lie
+    inside the file's folder, as the trainer reads them, unless ``allow_outside_paths``; a row naming one outside
+    fails with that reason and nothing outside is read."""
     path = Path(path)
     if fmt not in ("pickapic_parquet", "pair_jsonl"):
         raise ValueError(f"relabel format {fmt!r}: use pickapic_parquet or pair_jsonl")
@@ -197,7 +202,7 @@ def relabel(
         key = file.relative_to(path).as_posix().replace("/", "__") if path.is_dir() else file.name
         side = _Sidecar(state / f"{key}.scores.jsonl")  # shards of the same name in subfolders stay apart
         sidecars[file] = side
-        for rows in _batches(file, fmt, batch_size):
+        for rows in _batches(file, fmt, batch_size, allow_outside_paths):
             result.rows += len(rows)
             todo = [r for r in rows if r.index not in side.rows]
             if not todo:
@@ -236,6 +241,9 @@ class _Row:
     index: int
     images: tuple[bytes | str, bytes | str]
     prompt: str | None
+    error: str | None = (
+        None  # why the row cannot be scored, known before decoding (a path outside the folder)
+    )
 
 
 def _files(path: Path, fmt: str) -> list[Path]:
@@ -249,7 +257,7 @@ def _files(path: Path, fmt: str) -> list[Path]:
     return [path]
 
 
-def _batches(file: Path, fmt: str, batch_size: int) -> Iterator[list[_Row]]:
+def _batches(file: Path, fmt: str, batch_size: int, allow_outside: bool = False) -> Iterator[list[_Row]]:
     if fmt == "pickapic_parquet":
         import pyarrow.parquet as pq
 
@@ -274,9 +282,14 @@ def _batches(file: Path, fmt: str, batch_size: int) -> Iterator[list[_Row]]:
             obj = None
         if not isinstance(obj, dict):
             continue  # blank or malformed lines are left as they are (the reader reports them)
-        i0, i1 = obj.get("image_0"), obj.get("image_1")
-        images = tuple(str(p if Path(str(p)).is_absolute() else file.parent / str(p)) for p in (i0, i1))
-        rows.append(_Row(i, (images[0], images[1]), obj.get("prompt")))
+        try:  # the trainer's rule (resolve_image_path): images inside the file's folder unless trusted
+            i0, i1 = (
+                resolve_image_path(file.parent, obj.get(k), allow_outside=allow_outside)
+                for k in ("image_0", "image_1")
+            )
+            rows.append(_Row(i, (i0, i1), obj.get("prompt")))
+        except OutsidePathError as exc:
+            rows.append(_Row(i, ("", ""), obj.get("prompt"), error=str(exc)))
         if len(rows) == batch_size:
             yield rows
             rows = []
@@ -288,6 +301,9 @@ def _score_rows(rows: list[_Row], scorer: ScoreFn, device: str, file: Path) -> l
     good: list[tuple[_Row, np.ndarray, np.ndarray]] = []
     entries: list[dict[str, Any]] = []
     for r in rows:
+        if r.error is not None:
+            entries.append({"row": r.index, "error": r.error})
+            continue
         if not isinstance(r.prompt, str):
             entries.append({"row": r.index, "error": "caption / prompt is missing"})
             continue

@@ -110,6 +110,28 @@ def test_image_folder_symlinks_out_are_skipped_and_non_utf8_captions_noted(tmp_p
     assert len(records) == 3
 
 
+def test_relabel_reads_no_image_outside_the_pair_files_folder(tmp_path: Path):
+    """`workbench relabel pairs.jsonl` decoded (and scored) any path a row named; now it follows the trainer's rule:
+    a row naming an image outside fails with that reason, and the scorer never sees it."""
+    from samplers.relabel import relabel
+
+    data = tmp_path / "data"
+    _images(data, "a.png", "b.png")
+    _images(tmp_path, "secret.png")
+    path = _jsonl(data / "pairs.jsonl", [_pair("a.png", "b.png"), _pair("a.png", "../secret.png")])
+    seen: list[int] = []
+
+    def scorer(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        seen.append(images.shape[0])
+        return images[:, 0].mean(dim=(1, 2))
+
+    result = relabel(path, "pair_jsonl", scorer, "red", batch_size=4, max_failed=0.5)
+    assert sum(seen) == 2 and len(result.failed) == 1
+    assert "outside the dataset folder" in result.failed[0][1]
+    relabel(path, "pair_jsonl", scorer, "red", batch_size=4, fresh=True, allow_outside_paths=True)
+    assert sum(seen) == 6  # trusted: both rows scored
+
+
 # ---------------------------------------------------------------------------------------- part 3: the rows
 def test_bytes_captions_are_decoded_and_non_utf8_ones_skipped_by_row(tmp_path: Path):
     """A binary caption column arrived as the text "b'a red square'" (str of bytes); now it is decoded, and a caption

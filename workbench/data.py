@@ -292,7 +292,7 @@ class OutsidePathError(ValueError):
     """An image path of a JSONL row that is not a path inside the dataset's folder (the row is skipped)."""
 
 
-def _resolve(base: Path, p: Any, *, allow_outside: bool = False) -> str:
+def resolve_image_path(base: Path, p: Any, *, allow_outside: bool = False) -> str:
     """The path of an image named in a JSONL file in folder ``base``: relative paths are relative to ``base``.
 
     Unless ``allow_outside`` (``data.sources[].allow_outside_paths``), the path must resolve inside ``base``, with
@@ -360,7 +360,7 @@ def read_pair_jsonl(
             continue
         try:
             images: list[ImageSource] = [
-                _resolve(path.parent, i, allow_outside=allow_outside_paths) for i in (i0, i1)
+                resolve_image_path(path.parent, i, allow_outside=allow_outside_paths) for i in (i0, i1)
             ]
         except OutsidePathError as exc:
             report.skip(rid, str(exc))
@@ -433,7 +433,7 @@ def read_ranking_jsonl(
             continue
         try:
             resolved: list[ImageSource] = [
-                _resolve(path.parent, p, allow_outside=allow_outside_paths) for p in images
+                resolve_image_path(path.parent, p, allow_outside=allow_outside_paths) for p in images
             ]
         except OutsidePathError as exc:
             report.skip(rid, str(exc))
@@ -494,8 +494,8 @@ def read_image_folder(
             report.skip(file.name, f"no caption file {caption_file.name} beside it")
             continue
         try:
-            _resolve(folder, file.name, allow_outside=allow_outside_paths)
-            _resolve(folder, caption_file.name, allow_outside=allow_outside_paths)
+            resolve_image_path(folder, file.name, allow_outside=allow_outside_paths)
+            resolve_image_path(folder, caption_file.name, allow_outside=allow_outside_paths)
         except OutsidePathError as exc:  # a symlink leading out of the folder
             report.skip(file.name, str(exc))
             continue

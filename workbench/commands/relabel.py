@@ -49,6 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.01,
         help="fraction of rows allowed to fail before nothing is written",
     )
+    parser.add_argument(
+        "--allow-outside-paths",
+        action="store_true",
+        help="pair JSONL: read image paths outside the file's folder (trust this file; the trainer needs "
+        "data.sources[].allow_outside_paths=true for it too)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -82,6 +88,7 @@ def main(args: argparse.Namespace) -> int:
         rng=rng,
         fresh=args.fresh,
         max_failed=args.max_failed,
+        allow_outside_paths=args.allow_outside_paths,
         progress=lambda msg: print(msg, file=sys.stderr, flush=True),
     )
     print(
