@@ -289,7 +289,7 @@ def _read_jsonl(path: Path, report: ReadReport) -> Iterator[tuple[str, dict[str,
 
 
 class OutsidePathError(ValueError):
-    """An image path of a JSONL row that is not a path inside the dataset's folder (the row is skipped)."""
+    """An image path of a data row that is not a path inside the dataset's folder (the row is skipped)."""
 
 
 def resolve_image_path(base: Path, p: Any, *, allow_outside: bool = False) -> str:
@@ -321,8 +321,12 @@ def dedupe_group(rec: PreferenceRecord, keys: Sequence[Any], report: ReadReport)
     """``rec`` without the images whose ``keys`` (paths, bytes or content digests) repeat an earlier image of the
     group: a ranking keeps the first (better-ranked) copy and notes the row; a group left with fewer than two images
     (a "pair" of one image twice) is skipped and reported."""
+    keep: list[int] = []
     seen: set[Any] = set()
-    keep = [i for i, key in enumerate(keys) if not (key in seen or seen.add(key))]
+    for i, key in enumerate(keys):
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
     if len(keep) == len(keys):
         return rec
     if len(keep) < 2 <= len(keys):
@@ -335,7 +339,7 @@ def dedupe_group(rec: PreferenceRecord, keys: Sequence[Any], report: ReadReport)
         captions=[rec.captions[i] for i in keep] if rec.captions else None,
         scores=[rec.scores[i] for i in keep] if rec.scores else None,
     )
-    # groups of K > 2 are rankings, whose pref_prob is that of their first two images
+    # only groups of K > 2 get here (rankings): their pref_prob is that of their first two images
     return replace(out, pref_prob=_pref_prob_of_order(out.scores, 1))
 
 
