@@ -207,11 +207,9 @@ class PreferenceCache:
             if path in time_ids or path in todo:
                 continue
             if path.is_file():
-                try:
+                try:  # readable: its header, its time_ids and its last tensor's entry
                     time_ids[path] = _read_time_ids(path)
-                    _params_shape(
-                        path, n_crops - 1, 1 if hflip else 0, half=False
-                    )  # the last tensor is there
+                    _params_shape(path, n_crops - 1, 1 if hflip else 0, half=False)
                     continue
                 except _cache_read_errors() as exc:
                     damaged.append(f"{path.name} ({exc})")
