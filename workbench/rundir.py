@@ -43,6 +43,7 @@ RUN_OUTPUTS = (
     "final",
     "final.tmp",
     "checkpoints",
+    "rescued",
     "metrics.jsonl",
     "tensorboard",
     "validation",
