@@ -36,9 +36,10 @@ pytest: venv chromium
 test: lint typecheck pytest
 
 # The app's whole personal loop on the toy world (tests/test_app_loop.py: votes -> personal scorer -> background
-# fine-tune -> blind before/after); marked slow (about 10 minutes on two CPU cores), so `make test` leaves it out.
+# fine-tune -> blind before/after); marked slow (about 10 minutes on two CPU cores), so `make test` leaves it out and
+# .ci/run calls it after. -rP prints what the test measured (votes, agreement, job time, blind win rate).
 test-slow: venv
-	$(BIN)/pytest -q -m slow tests/test_app_loop.py
+	$(BIN)/pytest -q -rP -m slow tests/test_app_loop.py
 
 # Fault-injection and load tests (issue 14: kills during training, disk faults, votes under load with a server kill);
 # each takes over a minute, so they run here and not in `make test`. .ci/run calls both targets.
