@@ -41,7 +41,8 @@ Measured (2026-12-04, two shared CPU cores, ``make test-slow``): 12 votes, agree
 28, tied 22: 0.622 [0.508, 0.724], a pass, whole loop 506 s. A lower bound 0.008 above the line can flip on another
 machine's floating point (every sample and vote depends on it), so the blind rounds were doubled to 8 per prompt
 (192 votes): a tighter interval around the same rate, not a different model (the recipe was fixed on the
-validation split before any held-out round). The K = 4 recipe before it: 0.559 [0.433, 0.678] over 96, which failed.
+validation split before any held-out round). With 192: 97 wins, 56 losses, 39 ties, **0.634 [0.555, 0.706]** (job
+381 s, whole loop 515 s, pytest 520 s). The K = 4 recipe before it: 0.559 [0.433, 0.678] over 96, which failed.
 """
 
 from __future__ import annotations
